@@ -1,0 +1,23 @@
+# Two entry points for a fresh machine: `make quickstart` and `make test` (both create .venv on first use).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# constraints.txt pins the CPU torch build found on this machine; on a CUDA box use CONSTRAINTS= to keep yours.
+CONSTRAINTS ?= constraints.txt
+PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+
+.PHONY: quickstart test lint bench
+
+$(BIN)/eri: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(PIP_FLAGS) -e ".[dev]"
+	touch $@
+
+quickstart: $(BIN)/eri
+	$(BIN)/eri quickstart
+
+test: $(BIN)/eri
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/eri
+	$(BIN)/ruff check src tests bench

@@ -1,0 +1,246 @@
+"""``eri`` command line: train | validate | generate | eval | data | quickstart.
+
+Each sub-command parses its own arguments into plain values and calls one library function; nothing
+downstream sees argparse objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from eridiffusion.config import ConfigError, JobConfig, load_config
+
+logger = logging.getLogger("eridiffusion")
+
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+
+
+def embedded_config_path(name: str = "quickstart") -> Path:
+    return Path(str(resources.files("eridiffusion") / "configs" / f"{name}.yaml"))
+
+
+def _load(config: str, overrides: list[str]) -> JobConfig:
+    path = embedded_config_path() if config == "quickstart" and not Path(config).exists() else Path(config)
+    return load_config(path, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from eridiffusion.training.loop import train
+
+    cfg = _load(args.config, args.overrides)
+    result = train(cfg)
+    print(f"trained {cfg.name}: {result.final_step} steps, final loss {result.last_loss:.4f}")
+    print(f"model: {result.model_dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from eridiffusion.training.plan import describe_plan
+
+    cfg = _load(args.config, args.overrides)
+    print(describe_plan(cfg))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from eridiffusion.data.shapes import write_shapes_dataset
+
+    n = write_shapes_dataset(Path(args.out_dir), n=args.n, resolution=args.resolution, seed=args.seed)
+    print(
+        f"{n} images with captions in {args.out_dir} (held-out prompts: {args.out_dir}/held_out_prompts.txt)"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from eridiffusion.inference.generate import GenerateRequest, a1111_parameters, png_info, sample, to_pil
+    from eridiffusion.models import load_family
+    from eridiffusion.training.loop import resolve_device
+
+    device = resolve_device(args.device)
+    family = load_family(args.model).to(device)
+    for m in family.modules().values():
+        m.eval()
+    req = GenerateRequest(
+        prompts=args.prompt,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance_scale=args.cfg,
+        sampler=args.sampler,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        images_per_prompt=args.n,
+        model_name=Path(args.model).name,
+    )
+    with torch.inference_mode():
+        images = to_pil(sample(family, req, device))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (img, prompt) in enumerate(zip(images, req.expanded_prompts(), strict=True)):
+        seed = req.seed + i
+        path = out / f"{i:04d}-{seed}.png"
+        img.save(path, pnginfo=png_info(a1111_parameters(req, prompt, seed, img.width, img.height)))
+        print(path)
+    return 0
+
+
+def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int | None) -> dict:
+    from eridiffusion.inference.evaluate import EvalSettings, evaluate, read_prompts
+    from eridiffusion.models import load_family
+    from eridiffusion.training.loop import resolve_device
+
+    model_dir = Path(model) if model else cfg.run_dir / "model"
+    prompts_path = Path(
+        prompts_file or cfg.eval.prompts_file or Path(cfg.datasets[0].folder_path) / "held_out_prompts.txt"
+    )
+    prompts = read_prompts(prompts_path)
+    e = cfg.eval
+    settings = EvalSettings(
+        images_per_prompt=n or e.images_per_prompt,
+        steps=e.steps,
+        guidance_scale=e.guidance_scale,
+        sampler=e.sampler,
+        seed=e.seed,
+    )
+    device = resolve_device(cfg.train.device)
+    family = load_family(model_dir).to(device)
+    report = evaluate(family, prompts, settings, device, grid_path=cfg.run_dir / "eval_grid.png")
+    report["model"] = str(model_dir)
+    report["prompts_file"] = str(prompts_path)
+    (cfg.run_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return report
+
+
+def _print_eval(report: dict) -> None:
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    print(
+        f"prompt adherence on {report['n']} images ({report['prompts_file']}): "
+        f"colour {pct(report['colour_accuracy'])}, shape {pct(report['shape_accuracy'])}, "
+        f"both {pct(report['both_accuracy'])}"
+    )
+    print(f"grid: {report['grid']}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, args.overrides)
+    report = run_eval(cfg, args.model, args.prompts, args.n)
+    _print_eval(report)
+    if args.json:
+        print(json.dumps({k: report[k] for k in ("n", "colour_accuracy", "shape_accuracy", "both_accuracy")}))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The embedded default: synthetic data, train tiny from scratch, evaluate, sample grid."""
+    from eridiffusion.training.loop import train
+
+    cfg = load_config(embedded_config_path(), args.overrides)
+    result = train(cfg)
+    print(
+        f"trained {cfg.name}: {result.final_step} steps, final loss {result.last_loss:.4f}; "
+        f"samples in {cfg.run_dir / 'samples'}"
+    )
+    _print_eval(run_eval(cfg, None, None, None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eri", description="Train and serve image diffusion models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="YAML config file ('quickstart' = the embedded default)")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
+
+    p = sub.add_parser("train", help="train (or resume) the job in CONFIG")
+    with_config(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check CONFIG and print the training plan without training")
+    with_config(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("quickstart", help="the embedded default: train tiny on synthetic shapes, then eval")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for the embedded config")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("data", help="make datasets")
+    data_sub = p.add_subparsers(dest="kind", required=True)
+    shapes = data_sub.add_parser("shapes", help="synthetic coloured shapes with captions (image + .txt)")
+    shapes.add_argument("out_dir")
+    shapes.add_argument("--n", type=int, default=2000)
+    shapes.add_argument("--resolution", type=int, default=32)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("generate", help="txt2img with a trained model folder")
+    p.add_argument("--model", required=True, help="model folder (e.g. output/NAME/model)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="ddim", help="ddim, ddpm, euler, euler_a, heun, dpmpp_2m, ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="generated", help="output folder")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="prompt adherence (colour/shape) of a trained tiny model")
+    with_config(p)
+    p.add_argument("--model", default=None, help="model folder (default: output/NAME/model)")
+    p.add_argument("--prompts", default=None, help="prompts file (default: dataset's held_out_prompts.txt)")
+    p.add_argument("--n", type=int, default=None, help="images per prompt")
+    p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Offline by default, and no per-file progress bars from transformers/diffusers saves."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("diffusers", "transformers", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from eridiffusion.data.folder import DatasetError
+    from eridiffusion.training.loop import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

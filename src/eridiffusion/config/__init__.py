@@ -1,0 +1,6 @@
+"""Config schema, YAML loading and command-line overrides."""
+
+from eridiffusion.config.load import ConfigError, apply_overrides, dump_config, load_config, validate_config
+from eridiffusion.config.schema import JobConfig
+
+__all__ = ["ConfigError", "JobConfig", "apply_overrides", "dump_config", "load_config", "validate_config"]

@@ -1,0 +1,1 @@
+"""Sampling: sampler registry, txt2img and PNG metadata."""

@@ -1,0 +1,93 @@
+"""The one interface the trainer and the sampler see.
+
+Family differences (conditioning, latent space, objective) live behind :class:`ModelFamily`; the trainer and
+the generator never branch on the family name. A family owns its modules and tells which of them may train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+Conditioning = dict[str, torch.Tensor]
+"""Named tensors produced by ``encode_prompt`` and consumed by ``predict`` (batch dimension first)."""
+
+
+@dataclass(frozen=True)
+class TrainBatchTarget:
+    """What one training step regresses: inputs to the denoiser and the target with its per-sample weight."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    snr: torch.Tensor
+
+
+@runtime_checkable
+class NoiseObjective(Protocol):
+    """Forward process and regression target of a family (eps / v / flow)."""
+
+    prediction_type: str
+    num_train_timesteps: int
+
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def make_target(
+        self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> TrainBatchTarget: ...
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """Keyword arguments for diffusers schedulers so sampling matches training."""
+        ...
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    """A text-to-image model: modules, conditioning, latent space and objective."""
+
+    arch: str
+    objective: NoiseObjective
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module by component name (``denoiser``, ``text_encoder``...), for device moves and saving."""
+        ...
+
+    def trainable_modules(self, train_text_encoder: bool) -> dict[str, nn.Module]:
+        """The components a full fine-tune updates."""
+        ...
+
+    def default_resolution(self) -> int: ...
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Channels, height, width of the denoiser input for an image of this size."""
+        ...
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise ValueError naming the family's multiple when the size cannot be generated."""
+        ...
+
+    def encode_prompt(self, prompts: list[str]) -> Conditioning: ...
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) to denoiser space."""
+        ...
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoiser space back to pixels in [-1, 1]."""
+        ...
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
+
+    def lora_target_modules(self) -> list[str]:
+        """Default module-name patterns an adapter wraps."""
+        ...
+
+    def save_pretrained(self, path: Path) -> None:
+        """Write a self-describing folder that :func:`eridiffusion.models.load_family` reads back offline."""
+        ...
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelFamily: ...

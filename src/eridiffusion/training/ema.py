@@ -1,0 +1,51 @@
+"""Exponential moving average of trainable weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Shadow copies of parameters, updated after every optimizer step.
+
+    With ``warmup`` the decay ramps as min(decay, (1 + n) / (10 + n)) so the average is not dominated by the
+    random initial weights on short runs (the schedule used by the original DDPM/LDM code bases).
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], decay: float, warmup: bool = True) -> None:
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = {name: p.detach().clone().float() for name, p in params.items()}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, params: dict[str, nn.Parameter]) -> None:
+        d = self.current_decay()
+        for name, p in params.items():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def swap_into(self, params: dict[str, nn.Parameter]) -> None:
+        """Exchange live and shadow weights (call twice to restore), e.g. around sampling."""
+        for name, p in params.items():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[name].to(p.dtype))
+            self.shadow[name].copy_(tmp.float())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise ValueError(f"EMA state lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        for name in self.shadow:
+            self.shadow[name].copy_(state[name])
+        self.num_updates = num_updates

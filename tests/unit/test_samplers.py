@@ -1,0 +1,90 @@
+"""Sampler names (A1111 labels and snake_case keys) resolve to fresh diffusers schedulers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+)
+
+from eridiffusion.inference.samplers import SAMPLERS, make_scheduler, resolve_sampler
+from eridiffusion.models.objectives import DDPMObjective
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("ddim", "ddim"),
+        ("DDIM", "ddim"),
+        ("dpmpp_2m_karras", "dpmpp_2m_karras"),
+        ("DPM++ 2M Karras", "dpmpp_2m_karras"),
+        ("dpm++ 2m karras", "dpmpp_2m_karras"),
+        ("DPM++ 2M", "dpmpp_2m"),
+        ("euler a", "euler_a"),
+        ("  Euler A ", "euler_a"),
+        ("Euler", "euler"),
+        ("unipc", "unipc"),
+    ],
+)
+def test_resolve_sampler(name: str, key: str) -> None:
+    assert resolve_sampler(name).key == key
+
+
+def test_resolve_sampler_maps_to_scheduler_classes() -> None:
+    assert resolve_sampler("DPM++ 2M Karras").scheduler is DPMSolverMultistepScheduler
+    assert resolve_sampler("DPM++ 2M Karras").extra == {"use_karras_sigmas": True}
+    assert resolve_sampler("euler a").scheduler is EulerAncestralDiscreteScheduler
+
+
+def test_unknown_sampler_lists_choices() -> None:
+    with pytest.raises(ValueError) as info:
+        resolve_sampler("plms")
+    msg = str(info.value)
+    assert msg.startswith("unknown sampler 'plms'; choose one of: ddim (DDIM), ddpm (DDPM),")
+    assert "dpmpp_2m_karras (DPM++ 2M Karras)" in msg
+    assert "euler_a (Euler a)" in msg
+    for key in SAMPLERS:
+        assert key in msg
+
+
+def test_make_scheduler_is_fresh_and_matches_objective() -> None:
+    obj = DDPMObjective("cosine", "v_prediction")
+    a = make_scheduler("ddim", obj.scheduler_config())
+    b = make_scheduler("DDIM", obj.scheduler_config())
+    assert isinstance(a, DDIMScheduler)
+    assert a is not b
+    assert a.config.prediction_type == "v_prediction"
+    assert a.config.beta_schedule == "squaredcos_cap_v2"
+    assert a.config.clip_sample is False
+    assert a.config.set_alpha_to_one is False
+    torch.testing.assert_close(a.alphas_cumprod.float(), obj.alphas_cumprod)
+    # per-run state does not leak between calls
+    a.set_timesteps(5)
+    assert len(a.timesteps) == 5
+    assert len(b.timesteps) == 1000
+
+
+def test_make_scheduler_karras_option() -> None:
+    obj = DDPMObjective("linear", "epsilon", beta_start=1e-4, beta_end=2e-2)
+    sched = make_scheduler("DPM++ 2M Karras", obj.scheduler_config())
+    assert isinstance(sched, DPMSolverMultistepScheduler)
+    assert sched.config.use_karras_sigmas is True
+    assert sched.config.prediction_type == "epsilon"
+    assert sched.config.beta_start == 1e-4
+    assert sched.config.beta_end == 2e-2
+    assert make_scheduler("dpmpp_2m", obj.scheduler_config()).config.use_karras_sigmas is False
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "cosine", "quadratic"])
+@pytest.mark.parametrize("key", sorted(SAMPLERS))
+def test_every_sampler_builds_for_every_objective(key: str, beta_schedule: str) -> None:
+    obj = DDPMObjective(beta_schedule, "v_prediction")
+    sched = make_scheduler(key, obj.scheduler_config())
+    assert isinstance(sched, SAMPLERS[key].scheduler)
+    assert sched.config.prediction_type == "v_prediction"
+    assert sched.config.num_train_timesteps == 1000
+    sched.set_timesteps(4)
+    assert len(sched.timesteps) >= 4
