@@ -219,3 +219,17 @@ def test_generate_and_eval_from_trained_model(tmp_path: Path, capsys: pytest.Cap
     scores = json.loads(line)
     assert scores["n"] == 12 and 0 <= scores["colour_accuracy"] <= 1
     assert (tmp_path / "output" / "t" / "eval.json").is_file()
+
+
+def test_continue_training_from_a_saved_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    first = write_yaml(tmp_path / "a.yaml", tiny_job(tmp_path, name="a"))
+    assert main(["train", str(first), "train.steps=2"]) == 0
+    job = tiny_job(tmp_path, name="b")
+    job["model"] = {"name_or_path": str(tmp_path / "output" / "a" / "model")}  # arch detected from the folder
+    assert main(["train", str(write_yaml(tmp_path / "b.yaml", job)), "train.steps=2"]) == 0
+    assert (tmp_path / "output" / "b" / "model" / "eri_family.json").is_file()
+
+    (tmp_path / "junk").mkdir()
+    job["model"] = {"name_or_path": str(tmp_path / "junk")}
+    assert main(["train", str(write_yaml(tmp_path / "c.yaml", job))]) == EXIT_USER_ERROR
+    assert "cannot tell which model family" in capsys.readouterr().err

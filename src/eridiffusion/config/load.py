@@ -32,9 +32,15 @@ _ValueLoader.add_implicit_resolver(
 )
 
 
+_UNION_TAGS = {"bool", "str", "int", "float", "none", "list", "dict", "tuple"}
+"""Names pydantic inserts into an error location for the members of a union (``bool | str``)."""
+
+
 def _format_loc(loc: Iterable[Any]) -> str:
     parts: list[str] = []
     for item in loc:
+        if isinstance(item, str) and (item in _UNION_TAGS or "[" in item):
+            continue
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:

@@ -22,13 +22,25 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     """Which model to train and how to build or load it."""
 
-    arch: Literal["tiny", "sd15", "sdxl", "sd3", "flux"] = "tiny"
+    arch: Literal["tiny", "sd15", "sdxl", "sd3", "flux"] | None = Field(
+        default=None, description="model family; null: detect it from name_or_path's files"
+    )
     name_or_path: str | None = Field(
         default=None,
         description="local diffusers folder or single .safetensors file; null builds from scratch",
     )
     options: dict[str, Any] = Field(
         default_factory=dict, description="family-specific architecture options, validated by the family"
+    )
+    vae_path: str | None = Field(default=None, description="separate VAE (folder or .safetensors)")
+    clip_l_path: str | None = Field(default=None, description="separate CLIP-L text encoder")
+    clip_g_path: str | None = Field(default=None, description="separate CLIP-G text encoder (SDXL, SD3)")
+    t5_path: str | None = Field(default=None, description="separate T5-XXL text encoder (SD3, Flux)")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="storage dtype of frozen weights; trained parameters stay fp32"
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        default=None, description="override the checkpoint's prediction type (SD1.5/SDXL); null keeps it"
     )
 
 

@@ -1,38 +1,91 @@
-"""Model families behind one interface (see :mod:`eridiffusion.models.protocol`)."""
+"""Model families behind one interface (see :mod:`eridiffusion.models.protocol`).
+
+Each family registers a :class:`FamilyEntry` in ``FAMILIES``: how to build it from scratch, how to load it
+from a local folder or single file, and how to recognise its files. The trainer and sampler only call
+:func:`build_family` and :func:`load_family`.
+"""
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.protocol import Conditioning, ModelFamily, NoiseObjective
 from eridiffusion.models.tiny import FAMILY_FILE, TinyFamily, parse_options
 
-__all__ = ["Conditioning", "ModelFamily", "NoiseObjective", "build_family", "load_family"]
+__all__ = [
+    "FAMILIES",
+    "Conditioning",
+    "FamilyEntry",
+    "ModelFamily",
+    "NoiseObjective",
+    "build_family",
+    "detect_arch",
+    "load_family",
+]
+
+
+@dataclass(frozen=True)
+class FamilyEntry:
+    arch: str
+    build: Callable[[dict[str, Any], int], ModelFamily]
+    """(model.options, seed) -> randomly initialised model."""
+    load: Callable[[Path, ModelConfig], ModelFamily]
+    """(path, model config with component paths) -> loaded model, offline."""
+    detect: Callable[[Path], bool]
+    """Does this folder or single file hold this family?"""
+
+
+def _tiny_build(options: dict[str, Any], seed: int) -> ModelFamily:
+    with tempfile.TemporaryDirectory() as tmp:
+        return TinyFamily.build(parse_options(options), Path(tmp) / "tokenizer", seed=seed)
+
+
+def _tiny_detect(path: Path) -> bool:
+    meta = path / FAMILY_FILE
+    return meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("arch") == "tiny"
+
+
+FAMILIES: dict[str, FamilyEntry] = {
+    "tiny": FamilyEntry(
+        "tiny", _tiny_build, lambda path, _cfg: TinyFamily.from_pretrained(path), _tiny_detect
+    ),
+}
 
 
 def build_family(arch: str, options: dict[str, Any], seed: int = 0) -> ModelFamily:
     """A randomly initialised model of ``arch``; ``seed`` fixes the initial weights."""
-    if arch == "tiny":
-        with tempfile.TemporaryDirectory() as tmp:
-            return TinyFamily.build(parse_options(options), Path(tmp) / "tokenizer", seed=seed)
-    raise ValueError(f"model.arch {arch!r} cannot be built from scratch yet; set model.name_or_path")
+    if arch not in FAMILIES:
+        raise ValueError(f"model.arch {arch!r} is not a known family; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[arch].build(options, seed)
 
 
-def load_family(path: str | Path) -> ModelFamily:
-    """Load a saved model folder offline; the family is read from the folder itself."""
+def detect_arch(path: Path) -> str:
+    """The family of a local folder or single file, from its own files; a clear error when unknown."""
+    found = [arch for arch, entry in FAMILIES.items() if entry.detect(path)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(
+            f"cannot tell which model family '{path}' is; set model.arch to one of {sorted(FAMILIES)} "
+            "(or point model.name_or_path at a diffusers folder, a single .safetensors checkpoint, or a "
+            "folder written by `eri train`)"
+        )
+    raise ValueError(f"'{path}' matches several families {found}; set model.arch to pick one")
+
+
+def load_family(path: str | Path, cfg: ModelConfig | None = None) -> ModelFamily:
+    """Load a local model folder or single file offline; the family comes from ``cfg.arch`` or the files."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path '{path}' does not exist")
-    meta_file = path / FAMILY_FILE
-    if not meta_file.is_file():
-        raise ValueError(
-            f"cannot tell which model family '{path}' is: no {FAMILY_FILE} in it; "
-            "point model.name_or_path at a folder written by `eri train` (output/NAME/model)"
-        )
-    arch = json.loads(meta_file.read_text(encoding="utf-8")).get("arch")
-    if arch == "tiny":
-        return TinyFamily.from_pretrained(path)
-    raise ValueError(f"{meta_file}: unknown model family {arch!r}")
+    cfg = cfg or ModelConfig(name_or_path=str(path))
+    arch = cfg.arch or detect_arch(path)
+    if arch not in FAMILIES:
+        raise ValueError(f"model.arch {arch!r} is not a known family; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[arch].load(path, cfg)

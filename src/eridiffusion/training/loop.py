@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -77,12 +78,13 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 
 def load_or_build(cfg: JobConfig) -> ModelFamily:
     if cfg.model.name_or_path:
-        family = load_family(cfg.model.name_or_path)
         if cfg.model.options:
             raise ValueError(
                 "model.options only applies when building from scratch; remove it or name_or_path"
             )
-        return family
+        return load_family(cfg.model.name_or_path, cfg.model)
+    if cfg.model.arch is None:
+        raise ValueError("set model.arch to build a model from scratch, or model.name_or_path to load one")
     return build_family(cfg.model.arch, cfg.model.options, seed=cfg.train.seed)
 
 
@@ -217,8 +219,15 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     resumed_from = _resume(cfg, ckpts, state, params, optimizer, ema)
 
     log = _Logger(run_dir, cfg.logging.tensorboard)
+    # a bar redrawn 5x a second floods CI logs and files: off a terminal, refresh every 30 s instead
+    interactive = sys.stderr.isatty()
     bar = tqdm(
-        total=t.steps, initial=state.step, disable=not cfg.logging.progress, desc=cfg.name, dynamic_ncols=True
+        total=t.steps,
+        initial=state.step,
+        disable=not cfg.logging.progress,
+        desc=cfg.name,
+        dynamic_ncols=True,
+        mininterval=0.2 if interactive else 30.0,
     )
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()

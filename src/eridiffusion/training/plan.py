@@ -48,7 +48,7 @@ def describe_plan(cfg: JobConfig) -> str:
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in family.modules().items()}
     per_step = t.batch_size * t.gradient_accumulation_steps
     lines = [
-        f"job {cfg.name}: {cfg.model.arch} -> {cfg.run_dir}",
+        f"job {cfg.name}: {family.arch} -> {cfg.run_dir}",
         f"  model: {cfg.model.name_or_path or 'built from scratch'}; objective "
         f"{family.objective.prediction_type}",
     ]
