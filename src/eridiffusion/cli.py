@@ -1,4 +1,4 @@
-"""``eri`` command line: train | validate | generate | eval | data | quickstart.
+"""``eri`` command line: train | validate | generate | eval | convert | merge | data | quickstart.
 
 Each sub-command parses its own arguments into plain values and calls one library function; nothing
 downstream sees argparse objects.
@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
     result = train(cfg)
     print(f"trained {cfg.name}: {result.final_step} steps, final loss {result.last_loss:.4f}")
-    print(f"model: {result.model_dir}")
+    print(f"output: {result.output}")
     return 0
 
 
@@ -64,10 +64,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from eridiffusion.inference.generate import GenerateRequest, a1111_parameters, png_info, sample, to_pil
     from eridiffusion.models import load_family
+    from eridiffusion.networks import apply_adapter_files, parse_adapter_arg
     from eridiffusion.training.loop import resolve_device
 
     device = resolve_device(args.device)
-    family = load_family(args.model).to(device)
+    family = load_family(args.model)
+    apply_adapter_files(family, [parse_adapter_arg(x) for x in args.lora])
+    family.to(device)
     for m in family.modules().values():
         m.eval()
     req = GenerateRequest(
@@ -95,14 +98,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int | None) -> dict:
+    """Score a run's result: its model folder, or for adapter runs its base model plus its adapter file."""
     from eridiffusion.inference.evaluate import EvalSettings, evaluate, read_prompts
     from eridiffusion.models import load_family
-    from eridiffusion.training.loop import resolve_device
+    from eridiffusion.networks import apply_adapter_files
+    from eridiffusion.training.loop import load_or_build, resolve_device
 
-    model_dir = Path(model) if model else cfg.run_dir / "model"
-    prompts_path = Path(
-        prompts_file or cfg.eval.prompts_file or Path(cfg.datasets[0].folder_path) / "held_out_prompts.txt"
-    )
+    default_prompts = Path(cfg.datasets[0].folder_path) / "held_out_prompts.txt"
+    prompts_path = Path(prompts_file or cfg.eval.prompts_file or default_prompts)
     prompts = read_prompts(prompts_path)
     e = cfg.eval
     settings = EvalSettings(
@@ -113,9 +116,18 @@ def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int
         seed=e.seed,
     )
     device = resolve_device(cfg.train.device)
-    family = load_family(model_dir).to(device)
+    if model:
+        family, evaluated = load_family(model), model
+    elif cfg.network is not None:
+        adapter = cfg.run_dir / f"{cfg.name}.safetensors"
+        family, evaluated = load_or_build(cfg), str(adapter)
+        apply_adapter_files(family, [(adapter, 1.0)])
+    else:
+        evaluated = str(cfg.run_dir / "model")
+        family = load_family(evaluated)
+    family.to(device)
     report = evaluate(family, prompts, settings, device, grid_path=cfg.run_dir / "eval_grid.png")
-    report["model"] = str(model_dir)
+    report["model"] = evaluated
     report["prompts_file"] = str(prompts_path)
     (cfg.run_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report
@@ -153,6 +165,28 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         f"samples in {cfg.run_dir / 'samples'}"
     )
     _print_eval(run_eval(cfg, None, None, None))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from eridiffusion.models import load_family
+    from eridiffusion.networks.formats import convert_adapter_file
+
+    family = load_family(args.model)
+    out = convert_adapter_file(family, Path(args.src), Path(args.dst), args.to, args.dtype)
+    print(f"wrote {out} ({args.to} layout)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from eridiffusion.models import load_family
+    from eridiffusion.networks import apply_adapter_files, parse_adapter_arg
+    from eridiffusion.training.checkpoint import atomic_write_dir
+
+    family = load_family(args.model)
+    apply_adapter_files(family, [parse_adapter_arg(x) for x in args.lora])
+    out = atomic_write_dir(Path(args.out), family.save_pretrained)
+    print(f"wrote merged model to {out}")
     return 0
 
 
@@ -198,8 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--lora", action="append", default=[], help="adapter file[:weight]; repeat to stack")
     p.add_argument("--out", default="generated", help="output folder")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="rewrite an adapter file in another layout (kohya <-> diffusers)")
+    p.add_argument("src", help="adapter file (kohya/ComfyUI, LyCORIS, diffusers or peft layout)")
+    p.add_argument("dst", help="output .safetensors")
+    p.add_argument("--model", required=True, help="base model the adapter belongs to (names its layers)")
+    p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp16")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("merge", help="bake adapter files into a base model and write a full model")
+    p.add_argument("--model", required=True, help="base model folder or file")
+    p.add_argument("--lora", action="append", required=True, help="adapter file[:weight]; repeat to stack")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("eval", help="prompt adherence (colour/shape) of a trained tiny model")
     with_config(p)

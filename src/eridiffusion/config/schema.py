@@ -44,6 +44,24 @@ class ModelConfig(Strict):
     )
 
 
+class NetworkConfig(Strict):
+    """Adapter to train instead of the full model (absent = full fine-tune). Names follow ai-toolkit/kohya."""
+
+    type: Literal["lora", "loha", "lokr", "dora"] = "lora"
+    linear: int = Field(default=16, ge=1, description="rank of adapted Linear layers")
+    linear_alpha: float = Field(default=16.0, gt=0, description="alpha; the update is scaled by alpha/rank")
+    conv: int | None = Field(default=None, ge=1, description="rank for k>1 convolutions (LoCon); null: none")
+    conv_alpha: float | None = Field(default=None, gt=0, description="alpha for convolutions; null: = conv")
+    target: Literal["attention", "attention_mlp", "all_linear"] = "attention_mlp"
+    only_if_contains: list[str] = Field(
+        default_factory=list, description="adapt only layers naming one of these"
+    )
+    ignore_if_contains: list[str] = Field(default_factory=list, description="never adapt layers naming these")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout / LoHa-LoKr module dropout")
+    lokr_factor: int = Field(default=-1, description="LoKr decompose factor (-1: automatic)")
+    init_from: str | None = Field(default=None, description="adapter file to continue training from")
+
+
 class EMAConfig(Strict):
     enabled: bool = False
     decay: float = Field(default=0.999, gt=0, lt=1)
@@ -82,6 +100,13 @@ class TrainConfig(Strict):
 
 
 class SaveConfig(Strict):
+    format: Literal["kohya", "diffusers"] = Field(
+        default="kohya",
+        description="adapter file layout (kohya keys load in ComfyUI, A1111/Forge, diffusers)",
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp16", description="dtype of exported adapter files"
+    )
     every: int = Field(default=250, ge=1, description="save a checkpoint every N steps (and at the end)")
     keep: int = Field(default=3, ge=1, description="how many step checkpoints to keep")
     resume: bool | str = Field(
@@ -140,6 +165,7 @@ class JobConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     output_dir: str = "output"
     model: ModelConfig = Field(default_factory=ModelConfig)
+    network: NetworkConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)

@@ -82,8 +82,9 @@ class ModelFamily(Protocol):
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
 
-    def lora_target_modules(self) -> list[str]:
-        """Default module-name patterns an adapter wraps."""
+    def lora_key_names(self, component: str, module_path: str) -> tuple[str, str]:
+        """(kohya key base, diffusers key base) of a layer, in the layouts this family's loaders expect,
+        e.g. ``("lora_unet_mid_block_attentions_0_proj_in", "unet.mid_block.attentions.0.proj_in")``."""
         ...
 
     def save_pretrained(self, path: Path) -> None:
@@ -91,3 +92,8 @@ class ModelFamily(Protocol):
         ...
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelFamily: ...
+
+
+def underscored_lora_names(kohya_prefix: str, diffusers_prefix: str, module_path: str) -> tuple[str, str]:
+    """kohya's convention for models whose module names it shares (SD1.5 UNet, CLIP): dots -> underscores."""
+    return f"{kohya_prefix}_{module_path.replace('.', '_')}", f"{diffusers_prefix}.{module_path}"

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from eridiffusion.models.objectives import DDPMObjective
-from eridiffusion.models.protocol import Conditioning
+from eridiffusion.models.protocol import Conditioning, underscored_lora_names
 from eridiffusion.models.tokenizer import build_tokenizer
 
 FAMILY_FILE = "eri_family.json"
@@ -198,8 +198,9 @@ class TinyFamily:
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.unet(noisy, timesteps, encoder_hidden_states=cond["context"]).sample
 
-    def lora_target_modules(self) -> list[str]:
-        return ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    def lora_key_names(self, component: str, module_path: str) -> tuple[str, str]:
+        prefixes = {"denoiser": ("lora_unet", "unet"), "text_encoder": ("lora_te", "text_encoder")}
+        return underscored_lora_names(*prefixes[component], module_path)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TinyFamily:
         for module in self.modules().values():

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,10 @@ class CheckpointManager:
         trainable: dict[str, torch.Tensor],
         optimizer: torch.optim.Optimizer,
         ema: dict[str, torch.Tensor] | None,
+        extra: Callable[[Path], None] | None = None,
     ) -> Path:
+        """Write one checkpoint; ``extra(folder)`` adds files (e.g. a usable LoRA) inside the same rename."""
+
         def write(tmp: Path) -> None:
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in trainable.items()},
@@ -124,6 +128,8 @@ class CheckpointManager:
                 save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+            if extra is not None:
+                extra(tmp)
 
         path = atomic_write_dir(self.folder / f"{PREFIX}{state.step:06d}", write)
         for old in self.list()[: -self.keep]:

@@ -27,6 +27,7 @@ from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.loader import Batch, TrainingData
 from eridiffusion.inference.generate import GenerateRequest, make_grid, sample, to_pil, upscale_nearest
 from eridiffusion.models import ModelFamily, build_family, load_family
+from eridiffusion.networks import attach_network, export_network
 from eridiffusion.training.checkpoint import CheckpointManager, TrainState, atomic_write_dir
 from eridiffusion.training.ema import EMA
 from eridiffusion.training.losses import min_snr_weights, per_sample_loss
@@ -44,7 +45,8 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
     run_dir: Path
     final_step: int
-    model_dir: Path
+    output: Path
+    """The final model folder, or the adapter file for network runs."""
     last_loss: float | None
     resumed_from: Path | None
 
@@ -208,7 +210,21 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
             family.check_size(d.resolution, d.resolution)
         except ValueError as exc:
             raise ValueError(f"datasets[{i}].resolution: {exc}") from None
-    params = trainable_parameters(family, cfg)
+    if cfg.network is not None:
+        params = attach_network(family, cfg.network, t.train_text_encoder)
+        for name, module in family.trainable_modules(t.train_text_encoder).items():
+            module.train(True)
+            if (
+                name == "denoiser"
+                and t.gradient_checkpointing
+                and hasattr(module, "enable_gradient_checkpointing")
+            ):
+                module.enable_gradient_checkpointing()
+    else:
+        params = trainable_parameters(family, cfg)
+    export = _exporter(
+        family, cfg, state_info={"eri_base_model": cfg.model.name_or_path or f"scratch:{family.arch}"}
+    )
     optimizer = build_optimizer(params, t.optimizer, t.lr)
     ema = EMA(params, t.ema.decay, t.ema.warmup) if t.ema.enabled else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
@@ -296,6 +312,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
                     {k: p.detach().float() for k, p in params.items()},
                     optimizer,
                     ema.state_dict() if ema else None,
+                    extra=(lambda folder: export(folder, steps=state.step)) if export else None,
                 )
             if on_step is not None:
                 on_step(state)
@@ -303,11 +320,33 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
         bar.close()
         log.close()
 
-    model_dir = run_dir / "model"
     with ema_weights(ema, params):
         save_samples(family, cfg, state.step, device)
-        atomic_write_dir(model_dir, family.save_pretrained)
-    return TrainResult(run_dir, state.step, model_dir, state.last_loss, resumed_from)
+        if cfg.network is not None:
+            output = _export_path(cfg, run_dir)
+            export(run_dir, steps=state.step)
+        else:
+            output = atomic_write_dir(run_dir / "model", family.save_pretrained)
+    return TrainResult(run_dir, state.step, output, state.last_loss, resumed_from)
+
+
+def _export_path(cfg: JobConfig, folder: Path) -> Path:
+    return folder / f"{cfg.name}.safetensors"
+
+
+def _exporter(family: ModelFamily, cfg: JobConfig, state_info: dict[str, str]) -> Callable[..., None] | None:
+    """For adapter runs: a function writing the usable adapter file (kohya/diffusers layout) to a folder."""
+    if cfg.network is None:
+        return None
+    net = cfg.network
+
+    def write(folder: Path, steps: int | None = None) -> None:
+        info = {**state_info, "eri_config_hash": config_fingerprint(cfg)}
+        if steps is not None:
+            info["eri_steps"] = str(steps)
+        export_network(family, net, _export_path(cfg, folder), cfg.save.format, cfg.save.dtype, info)
+
+    return write
 
 
 def _resume(
