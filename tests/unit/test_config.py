@@ -59,7 +59,7 @@ def test_minimal_config_fills_defaults() -> None:
 @pytest.mark.parametrize(
     ("data", "path", "allowed"),
     [
-        (minimal(bogus=1), "bogus", "datasets, eval, logging, model, name, output_dir, sample, save, train"),
+        (minimal(bogus=1), "bogus", "datasets, eval, logging, model, name, network, output_dir, sample, save, train"),
         (minimal(train={"learning_rate": 1e-4}), "train.learning_rate", "batch_size, device, ema,"),
         (
             minimal(train={"optimizer": {"typ": "sgd"}}),
