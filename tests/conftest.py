@@ -11,7 +11,9 @@ import torch
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one intra-op thread: the tiny test models gain nothing from two, and on the shared 2-core machine two
+# OpenMP threads spin against other processes (measured: a tiny Flux train step 0.06 s -> 6 s under load)
+torch.set_num_threads(1)
 
 TINY_OPTIONS: dict[str, Any] = {
     "resolution": 16,

@@ -1,4 +1,4 @@
-"""``eri`` command line: train | validate | generate | eval | convert | merge | data | quickstart.
+"""``eri`` command line: train | validate | generate | eval | convert | merge | bench | data | quickstart.
 
 Each sub-command parses its own arguments into plain values and calls one library function; nothing
 downstream sees argparse objects.
@@ -63,6 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from eridiffusion.inference.generate import GenerateRequest, a1111_parameters, png_info, sample, to_pil
+    from eridiffusion.inference.samplers import default_sampler
     from eridiffusion.models import load_family
     from eridiffusion.networks import apply_adapter_files, parse_adapter_arg
     from eridiffusion.training.loop import resolve_device
@@ -78,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative,
         steps=args.steps,
         guidance_scale=args.cfg,
-        sampler=args.sampler,
+        sampler=args.sampler or default_sampler(family.objective.prediction_type),
         seed=args.seed,
         height=args.height,
         width=args.width,
@@ -104,7 +105,7 @@ def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int
     from eridiffusion.networks import apply_adapter_files
     from eridiffusion.training.loop import load_or_build, resolve_device
 
-    default_prompts = Path(cfg.datasets[0].folder_path) / "held_out_prompts.txt"
+    default_prompts = Path(cfg.datasets[0].folder_path or ".") / "held_out_prompts.txt"
     prompts_path = Path(prompts_file or cfg.eval.prompts_file or default_prompts)
     prompts = read_prompts(prompts_path)
     e = cfg.eval
@@ -190,6 +191,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from eridiffusion.training.bench import as_dict, run_bench
+
+    options = json.loads(args.options) if args.options else {}
+    result = as_dict(
+        run_bench(
+            args.arch,
+            options,
+            args.batch_size,
+            args.resolution,
+            args.steps,
+            args.device,
+            args.mixed_precision,
+            args.gradient_checkpointing,
+            args.peak_tflops,
+        )
+    )
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eri", description="Train and serve image diffusion models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -226,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
-    p.add_argument("--sampler", default="ddim", help="ddim, ddpm, euler, euler_a, heun, dpmpp_2m, ...")
+    p.add_argument(
+        "--sampler", default=None, help="ddim, euler, dpmpp_2m, flow_euler, ... (default: the model's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--width", type=int, default=None)
@@ -249,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", required=True, help="adapter file[:weight]; repeat to stack")
     p.add_argument("--out", required=True, help="output model folder")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("bench", help="time training steps of a family/preset (random weights), JSON out")
+    p.add_argument("--arch", default="tiny", help="model family")
+    p.add_argument("--options", default=None, help='model.options as JSON, e.g. \'{"preset": "full"}\'')
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=None, help="default: the family's")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: auto)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="prompt adherence (colour/shape) of a trained tiny model")
     with_config(p)

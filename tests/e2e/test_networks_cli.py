@@ -17,7 +17,10 @@ from tests.conftest import tiny_job, write_yaml
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A base model trained for 2 steps, then a LoRA on it trained for 3 steps (module-scoped: reused)."""
     root = tmp_path_factory.mktemp("lora")
-    assert main(["train", str(write_yaml(root / "base.yaml", tiny_job(root, name="base"))), "train.steps=2"]) == 0
+    assert (
+        main(["train", str(write_yaml(root / "base.yaml", tiny_job(root, name="base"))), "train.steps=2"])
+        == 0
+    )
     job = tiny_job(root, name="concept")
     job["model"] = {"name_or_path": str(root / "output" / "base" / "model")}
     job["network"] = {"type": "lora", "linear": 4, "linear_alpha": 2, "conv": 2}
@@ -47,14 +50,19 @@ def _pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
-def test_generate_with_lora_merge_and_convert(lora_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+def test_generate_with_lora_merge_and_convert(
+    lora_run: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
     root, cfg = lora_run
     base = root / "output" / "base" / "model"
     lora = root / "output" / "concept" / "concept.safetensors"
     common = ["--prompt", "a red circle", "--steps", "3", "--seed", "1"]
 
     assert main(["generate", "--model", str(base), *common, "--out", str(root / "plain")]) == 0
-    assert main(["generate", "--model", str(base), "--lora", f"{lora}:1.0", *common, "--out", str(root / "l")]) == 0
+    assert (
+        main(["generate", "--model", str(base), "--lora", f"{lora}:1.0", *common, "--out", str(root / "l")])
+        == 0
+    )
     with_lora = _pixels(root / "l" / "0000-1.png")
     assert np.abs(with_lora - _pixels(root / "plain" / "0000-1.png")).max() > 0
 
@@ -65,7 +73,10 @@ def test_generate_with_lora_merge_and_convert(lora_run: tuple[Path, Path], capsy
     converted = root / "d.safetensors"
     assert main(["convert", str(lora), str(converted), "--model", str(base), "--to", "diffusers"]) == 0
     assert all(k.startswith(("unet.", "text_encoder.")) for k in load_file(converted))
-    assert main(["generate", "--model", str(base), "--lora", str(converted), *common, "--out", str(root / "c")]) == 0
+    assert (
+        main(["generate", "--model", str(base), "--lora", str(converted), *common, "--out", str(root / "c")])
+        == 0
+    )
     assert np.abs(with_lora - _pixels(root / "c" / "0000-1.png")).max() <= 1
 
     assert main(["eval", str(cfg), "--json"]) == 0
@@ -73,8 +84,9 @@ def test_generate_with_lora_merge_and_convert(lora_run: tuple[Path, Path], capsy
     capsys.readouterr()
 
 
-def test_init_from_continues_training_and_bad_file_is_clear(lora_run: tuple[Path, Path],
-                                                           capsys: pytest.CaptureFixture) -> None:
+def test_init_from_continues_training_and_bad_file_is_clear(
+    lora_run: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
     root, _ = lora_run
     job = tiny_job(root, name="more")
     job["model"] = {"name_or_path": str(root / "output" / "base" / "model")}

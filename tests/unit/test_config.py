@@ -59,7 +59,11 @@ def test_minimal_config_fills_defaults() -> None:
 @pytest.mark.parametrize(
     ("data", "path", "allowed"),
     [
-        (minimal(bogus=1), "bogus", "datasets, eval, logging, model, name, network, output_dir, sample, save, train"),
+        (
+            minimal(bogus=1),
+            "bogus",
+            "datasets, eval, logging, model, name, network, output_dir, pipeline, sample, save, train",
+        ),
         (minimal(train={"learning_rate": 1e-4}), "train.learning_rate", "batch_size, device, ema,"),
         (
             minimal(train={"optimizer": {"typ": "sgd"}}),
@@ -70,7 +74,10 @@ def test_minimal_config_fills_defaults() -> None:
         (
             minimal(datasets=[{"folder_path": "a", "resolutoin": 64}]),
             "datasets[0].resolutoin",
-            "caption_dropout_rate, caption_ext, flip_x, folder_path, num_repeats, resolution, synthetic",
+            "bucket_no_upscale, bucket_step, cache_dir, cache_latents_to_disk, cache_text_embeddings, "
+            "caption_dropout_rate, caption_ext, crop, enable_buckets, flip_x, folder_path, is_reg, "
+            "keep_tokens, loss_weight, num_repeats, resolution, shards, shuffle_tokens, synthetic, "
+            "trigger_word, weight",
         ),
         (
             minimal(datasets=[{"folder_path": "a"}, {"folder_path": "b", "synthetic": {"knd": "shapes"}}]),
@@ -116,9 +123,11 @@ def test_missing_required_keys_are_named() -> None:
     ]
 
 
-def test_missing_required_key_inside_list_item() -> None:
+def test_dataset_needs_a_folder_or_shards() -> None:
     msg = error_of(minimal(datasets=[{"resolution": 64}]))
-    assert "datasets[0].folder_path: required key is missing" in msg
+    assert "datasets[0]: Value error, set exactly one of folder_path" in msg and "shards" in msg
+    msg = error_of(minimal(datasets=[{"folder_path": "a", "shards": "b.tar"}]))
+    assert "datasets[0]: Value error, set exactly one of folder_path" in msg
 
 
 def test_empty_datasets_list_rejected() -> None:
@@ -140,9 +149,35 @@ def test_all_problems_reported_at_once() -> None:
         assert any(line.startswith(f"  {path}: ") for line in lines[1:]), path
 
 
-def test_mixed_dataset_resolutions_rejected() -> None:
-    msg = error_of(minimal(datasets=[{"folder_path": "a", "resolution": 64}, {"folder_path": "b"}]))
-    assert "all datasets must share one resolution for now, got [64, 512]" in msg
+def test_mixed_and_multiple_resolutions_accepted() -> None:
+    datasets = [{"folder_path": "a", "resolution": 64}, {"folder_path": "b", "resolution": [32, 64]}]
+    cfg = JobConfig.model_validate(minimal(datasets=datasets))
+    assert [d.resolutions for d in cfg.datasets] == [[64], [32, 64]]
+    assert "resolution lists [32, 32] with repeats" in error_of(
+        minimal(datasets=[{"folder_path": "a", "resolution": [32, 32]}])
+    )
+    assert "resolution must be >= 8" in error_of(minimal(datasets=[{"folder_path": "a", "resolution": [4]}]))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ({"crop": "random", "cache_latents_to_disk": True}, "crop: random gives a new crop every epoch"),
+        ({"shuffle_tokens": True, "cache_text_embeddings": True}, "turn off one of shuffle_tokens"),
+        ({"bucket_no_upscale": True, "enable_buckets": False}, "bucket_step need enable_buckets"),
+        ({"crop": "middle"}, "datasets[0].crop: Input should be 'center' or 'random'"),
+        ({"weight": 0}, "datasets[0].weight: Input should be greater than 0"),
+    ],
+)
+def test_incoherent_dataset_settings_rejected(dataset: dict[str, Any], expected: str) -> None:
+    assert expected in error_of(minimal(datasets=[{"folder_path": "a", **dataset}]))
+
+
+def test_shards_cannot_be_cached_and_reg_sets_need_a_training_set() -> None:
+    msg = error_of(minimal(datasets=[{"shards": "d/{0..3}.tar", "cache_latents_to_disk": True}]))
+    assert "tar shards are streamed and never cached" in msg
+    msg = error_of(minimal(datasets=[{"folder_path": "a", "is_reg": True}]))
+    assert "every dataset has is_reg: true" in msg
 
 
 def test_invalid_name_pattern() -> None:

@@ -22,16 +22,22 @@ def _submodel(annotation: object) -> type[BaseModel] | None:
     return None
 
 
-def _paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _paths(model: type[BaseModel], prefix: str = "", top_sections: set[type] | None = None) -> list[str]:
+    """Dotted paths of every key. A nested section that is also a top-level one (a pipeline step's `network`
+    or `datasets`) is documented by its top-level rows, so it is listed once under its own path."""
+    is_root = top_sections is None
+    if top_sections is None:
+        top_sections = {s for f in model.model_fields.values() if (s := _submodel(f.annotation)) is not None}
     out = []
     for name, field in model.model_fields.items():
         sub = _submodel(field.annotation)
         path = prefix + name
-        if sub is None:
+        if sub is None or (sub in top_sections and not is_root):
             out.append(path)
         else:
-            sep = "[]." if "list" in str(field.annotation) else "."
-            out.extend(_paths(sub, path + sep))
+            text = str(field.annotation)
+            sep = "[]." if "list" in text else ".<component>." if "dict" in text else "."
+            out.extend(_paths(sub, path + sep, top_sections))
     return out
 
 

@@ -157,7 +157,9 @@ def test_diffusers_layout_refuses_lycoris_types(tmp_path: Path) -> None:
         export_network(fam, cfg, tmp_path / "x.safetensors", "diffusers", "fp16", {})
 
 
-def test_foreign_file_is_rejected_and_stray_keys_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_foreign_file_is_rejected_and_stray_keys_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     foreign = tmp_path / "f.safetensors"
     save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 8)}, foreign)
     with pytest.raises(ValueError, match="matches a layer"):
@@ -180,7 +182,9 @@ def test_target_presets_and_filters() -> None:
     attention = select_targets(unet, NetworkConfig(target="attention"))
     mlp = select_targets(unet, NetworkConfig(target="attention_mlp"))
     every = select_targets(unet, NetworkConfig(target="all_linear", conv=4))
-    assert attention.linear and all(n.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for n in attention.linear)
+    assert attention.linear and all(
+        n.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for n in attention.linear
+    )
     assert set(attention.linear) < set(mlp.linear) <= set(every.linear)
     assert any(n.endswith("ff.net.2") for n in mlp.linear) and not attention.conv
     assert every.conv and all(unet.get_submodule(n).kernel_size != (1, 1) for n in every.conv)

@@ -8,10 +8,18 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
 )
 
-from eridiffusion.inference.samplers import SAMPLERS, make_scheduler, resolve_sampler
-from eridiffusion.models.objectives import DDPMObjective
+from eridiffusion.inference.samplers import (
+    SAMPLERS,
+    check_sampler,
+    compatible_samplers,
+    default_sampler,
+    make_scheduler,
+    resolve_sampler,
+)
+from eridiffusion.models.objectives import DDPMObjective, FlowMatchObjective
 
 
 @pytest.mark.parametrize(
@@ -79,7 +87,7 @@ def test_make_scheduler_karras_option() -> None:
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "cosine", "quadratic"])
-@pytest.mark.parametrize("key", sorted(SAMPLERS))
+@pytest.mark.parametrize("key", compatible_samplers("v_prediction"))
 def test_every_sampler_builds_for_every_objective(key: str, beta_schedule: str) -> None:
     obj = DDPMObjective(beta_schedule, "v_prediction")
     sched = make_scheduler(key, obj.scheduler_config())
@@ -88,3 +96,41 @@ def test_every_sampler_builds_for_every_objective(key: str, beta_schedule: str) 
     assert sched.config.num_train_timesteps == 1000
     sched.set_timesteps(4)
     assert len(sched.timesteps) >= 4
+
+
+def test_flow_sampler_is_registered_unambiguously() -> None:
+    """A1111 calls the flow sampler "Euler" too; here "euler" stays the DDPM Euler and flow has its own."""
+    assert resolve_sampler("flow_euler").scheduler is FlowMatchEulerDiscreteScheduler
+    assert resolve_sampler("Flow Euler").key == "flow_euler"
+    assert resolve_sampler("Euler").key == "euler"
+    assert compatible_samplers("flow") == ["flow_euler"]
+    assert "flow_euler" not in compatible_samplers("epsilon")
+    assert set(compatible_samplers("epsilon")) == set(SAMPLERS) - {"flow_euler"}
+    assert default_sampler("epsilon") == "ddim" and default_sampler("flow") == "flow_euler"
+
+
+def test_incompatible_samplers_are_refused_with_the_alternatives() -> None:
+    with pytest.raises(ValueError) as info:
+        check_sampler("ddim", "flow")
+    assert str(info.value) == (
+        "sampler 'ddim' (DDIM) is for epsilon/v-prediction models, but this model predicts 'flow'; "
+        "use one of: flow_euler (Flow Euler)"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"'flow_euler' \(Flow Euler\) is for flow-matching models, but "
+        r"this model predicts 'epsilon'; use one of: ddim \(DDIM\), ddpm \(DDPM\)",
+    ):
+        check_sampler("flow_euler", "epsilon")
+    assert check_sampler("Flow Euler", "flow").key == "flow_euler"
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_flow_scheduler_matches_the_objective(dynamic: bool) -> None:
+    obj = FlowMatchObjective(shift=3.0, dynamic_shift=dynamic, full_range_sigmas=dynamic)
+    sched = make_scheduler("flow_euler", obj.scheduler_config())
+    assert isinstance(sched, FlowMatchEulerDiscreteScheduler)
+    assert sched.config.shift == 3.0 and sched.config.use_dynamic_shifting is dynamic
+    sched.set_timesteps(4, **obj.set_timesteps_kwargs(4, (16, 64, 64)))
+    assert len(sched.timesteps) == 4 and float(sched.sigmas[-1]) == 0.0
+    torch.testing.assert_close(sched.timesteps, sched.sigmas[:-1] * 1000)

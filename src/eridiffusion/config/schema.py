@@ -97,6 +97,7 @@ class TrainConfig(Strict):
     train_text_encoder: bool = True
     seed: int = 42
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
+    num_workers: int = Field(default=0, ge=0, description="data loading processes; 0 loads in the trainer")
 
 
 class SaveConfig(Strict):
@@ -141,13 +142,70 @@ class SyntheticConfig(Strict):
 
 
 class DatasetConfig(Strict):
-    folder_path: str
+    """One source of training images: a folder (image + caption files or metadata.jsonl) or tar shards.
+
+    Names follow ai-toolkit / kohya where they exist. Combinations that cannot work (random crops with a
+    latent cache, shuffled tags with a text-embedding cache) are refused here, before any image is read.
+    """
+
+    folder_path: str | None = Field(default=None, description="folder of images with captions")
+    shards: str | list[str] | None = Field(
+        default=None, description="webdataset-style .tar shards: 'data/{000..009}.tar' or a list"
+    )
     caption_ext: str = "txt"
-    resolution: int = Field(default=512, ge=8)
+    resolution: int | list[int] = Field(default=512, description="square side(s); several = multi-resolution")
     caption_dropout_rate: float = Field(default=0.0, ge=0, le=1)
     flip_x: bool = False
     num_repeats: int = Field(default=1, ge=1)
+    weight: float = Field(default=1.0, gt=0, description="multiplies how often this set is drawn per epoch")
+    is_reg: bool = Field(default=False, description="regularisation (prior-preservation) images")
+    loss_weight: float = Field(default=1.0, gt=0, description="loss multiplier (kohya's prior_loss_weight)")
+    trigger_word: str | None = Field(default=None, description="replaces [trigger]; prepended if absent")
+    shuffle_tokens: bool = Field(default=False, description="shuffle comma-separated caption tags")
+    keep_tokens: int = Field(default=0, ge=0, description="leading tags kept in place when shuffling")
+    crop: Literal["center", "random"] = "center"
+    enable_buckets: bool = Field(default=True, description="aspect-ratio buckets instead of square crops")
+    bucket_no_upscale: bool = Field(default=False, description="never enlarge an image to reach its bucket")
+    bucket_step: int | None = Field(
+        default=None, ge=1, description="bucket side step (kohya's bucket_reso_steps); null: model's multiple"
+    )
+    cache_latents_to_disk: bool = False
+    cache_text_embeddings: bool = False
+    cache_dir: str | None = Field(default=None, description="default: .eri_cache inside the dataset folder")
     synthetic: SyntheticConfig | None = None
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [self.resolution] if isinstance(self.resolution, int) else list(self.resolution)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> DatasetConfig:
+        if (self.folder_path is None) == (self.shards is None):
+            raise ValueError("set exactly one of folder_path (a folder of images) or shards (.tar files)")
+        if not self.resolutions or any(r < 8 for r in self.resolutions):
+            raise ValueError(f"resolution must be >= 8 (or a non-empty list of such), got {self.resolution}")
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise ValueError(f"resolution lists {self.resolution} with repeats; list each size once")
+        if self.synthetic is not None and self.folder_path is None:
+            raise ValueError("synthetic needs folder_path (the folder it generates into)")
+        if (self.bucket_no_upscale or self.bucket_step is not None) and not self.enable_buckets:
+            raise ValueError("bucket_no_upscale and bucket_step need enable_buckets: true")
+        if self.cache_latents_to_disk and self.crop == "random":
+            raise ValueError(
+                "crop: random gives a new crop every epoch, which a latent cache cannot hold; "
+                "use crop: center or cache_latents_to_disk: false"
+            )
+        if self.cache_text_embeddings and self.shuffle_tokens:
+            raise ValueError(
+                "shuffle_tokens makes a new caption every epoch, which a text-embedding cache cannot hold; "
+                "turn off one of shuffle_tokens or cache_text_embeddings"
+            )
+        if self.shards is not None and (self.cache_latents_to_disk or self.cache_text_embeddings):
+            raise ValueError(
+                "tar shards are streamed and never cached (they are meant for data larger than the disk "
+                "cache); unpack them into a folder to use cache_latents_to_disk / cache_text_embeddings"
+            )
+        return self
 
 
 class EvalConfig(Strict):
@@ -159,6 +217,118 @@ class EvalConfig(Strict):
     seed: int = 1234
 
 
+class GroupConfig(Strict):
+    """Optimizer and LR schedule of one component group inside a pipeline step."""
+
+    type: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0)
+
+
+class TransitionConfig(Strict):
+    """When a step ends: after its epochs, after its steps, or once a smoothed metric stays below a bound."""
+
+    type: Literal["epoch", "steps", "loss_threshold"] = "steps"
+    metric: str = Field(default="loss", description="logged metric watched by loss_threshold")
+    threshold: float | None = Field(default=None, description="loss_threshold: end once metric < threshold")
+    patience: int = Field(default=1, ge=1, description="consecutive logged values below the threshold")
+    min_steps: int = Field(default=0, ge=0, description="never end a loss_threshold step before this")
+    smoothing: float = Field(default=0.9, ge=0, lt=1, description="EMA smoothing of the watched metric")
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> TransitionConfig:
+        if self.type == "loss_threshold" and self.threshold is None:
+            raise ValueError("transition.type loss_threshold needs transition.threshold")
+        return self
+
+
+class AutoencoderStageConfig(Strict):
+    """Loss settings of an ``autoencoder`` step (reconstruction + KL + optional patch-GAN)."""
+
+    kl_weight: float = Field(default=1e-6, ge=0)
+    discriminator: bool = Field(default=False, description="train a patch-GAN discriminator alongside")
+    disc_weight: float = Field(default=0.1, ge=0)
+    disc_start: int = Field(default=0, ge=0, description="steps of this stage before the GAN terms start")
+    disc_channels: int = Field(default=32, ge=8)
+
+
+class StageConfig(Strict):
+    """One step of a multi-stage pipeline (``pipeline.defaults`` are merged into it first)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    kind: Literal["diffusion", "autoencoder"] = "diffusion"
+    trainable: list[str] = Field(
+        min_length=1, description="components trained: denoiser, text_encoder, vae, discriminator, lora"
+    )
+    frozen: list[str] = Field(default_factory=list, description="components explicitly kept frozen")
+    optimizers: dict[str, GroupConfig] = Field(
+        default_factory=dict, description="per trainable component; missing ones use `default`"
+    )
+    max_steps: int | None = Field(default=None, ge=1)
+    n_epochs: int | None = Field(default=None, ge=1)
+    transition: TransitionConfig = Field(default_factory=TransitionConfig)
+    batch_size: int | None = Field(default=None, ge=1, description="null: train.batch_size")
+    network: NetworkConfig | None = Field(default=None, description="adapter for a `lora` component")
+    autoencoder: AutoencoderStageConfig = Field(default_factory=AutoencoderStageConfig)
+    datasets: list[DatasetConfig] | None = Field(default=None, description="null: the job's datasets")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StageConfig:
+        if (self.max_steps is None) == (self.n_epochs is None):
+            raise ValueError("give exactly one of max_steps or n_epochs")
+        both = set(self.trainable) & set(self.frozen)
+        if both:
+            raise ValueError(f"components both trainable and frozen: {sorted(both)}")
+        if ("lora" in self.trainable) != (self.network is not None):
+            raise ValueError("a `lora` trainable component and a `network` section go together")
+        if self.transition.type == "epoch" and self.n_epochs is None:
+            raise ValueError("transition.type epoch needs n_epochs")
+        unknown = set(self.optimizers) - set(self.trainable) - {"default"}
+        if unknown:
+            raise ValueError(f"optimizers for components this step does not train: {sorted(unknown)}")
+        return self
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+class PipelineConfig(Strict):
+    """Several training steps run in order; a config without ``pipeline`` is a single-stage run."""
+
+    defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every step")
+    steps: list[StageConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("steps"), list):
+            defaults = data.get("defaults") or {}
+            data = {
+                **data,
+                "steps": [_deep_merge(defaults, s) if isinstance(s, dict) else s for s in data["steps"]],
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PipelineConfig:
+        names = [s.name for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"step names must be unique, got {names}")
+        return self
+
+
 class JobConfig(Strict):
     """A whole training job: ``eri train`` reads one of these."""
 
@@ -166,6 +336,7 @@ class JobConfig(Strict):
     output_dir: str = "output"
     model: ModelConfig = Field(default_factory=ModelConfig)
     network: NetworkConfig | None = None
+    pipeline: PipelineConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
@@ -174,11 +345,10 @@ class JobConfig(Strict):
     datasets: list[DatasetConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _one_resolution(self) -> JobConfig:
-        """Square-crop training at one resolution for now; mixed sizes need buckets."""
-        sizes = {d.resolution for d in self.datasets}
-        if len(sizes) > 1:
-            raise ValueError(f"all datasets must share one resolution for now, got {sorted(sizes)}")
+    def _not_only_regularisation(self) -> JobConfig:
+        """Regularisation sets are drawn as often as the training sets, so at least one must exist."""
+        if all(d.is_reg for d in self.datasets):
+            raise ValueError("every dataset has is_reg: true; at least one must hold the images to learn")
         return self
 
     @property

@@ -1,17 +1,21 @@
 """Image + caption folder datasets: the format users bring (cat.png beside cat.txt), also used by shapes data.
 
-Every image is decoded once while scanning, so a corrupt or truncated file is reported up front with its
-path instead of crashing a training run hours in. Unreadable files are skipped with a warning rather than
-aborting: one bad download should not block training on the other thousand images.
+Captions come from same-stem text files or, when the folder has one, a Hugging Face style
+``metadata.jsonl`` (``{"file_name": "cat.png", "text": "a cat"}`` per line). Every image is decoded once
+while scanning, so a corrupt or truncated file is reported up front with its path instead of crashing a
+training run hours in. Unreadable files are skipped with a warning rather than aborting: one bad download
+should not block training on the other thousand images.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -20,7 +24,10 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+METADATA_FILE = "metadata.jsonl"
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+"""EXIF orientations that rotate by 90 degrees, i.e. swap width and height once applied."""
 
 
 class DatasetError(ValueError):
@@ -35,32 +42,74 @@ class FolderScan:
     items: list[tuple[Path, str]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     missing_captions: list[Path] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    """(width, height) of each item as displayed, i.e. after its EXIF rotation."""
 
 
-def _image_problem(path: Path) -> str | None:
-    """Why an image cannot be used, or None when it decodes fully.
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied, read from the header without decoding."""
+    width, height = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def _inspect_image(path: Path) -> tuple[str | None, tuple[int, int]]:
+    """(why the image cannot be used or None, its upright size).
 
     verify() catches corrupt headers and checksums but not a file cut short, so the image is also loaded.
     Pillow's format plugins raise a zoo of exception types (OSError, SyntaxError, EOFError, struct.error,
     DecompressionBombError ...), hence the broad except: any failure here means "skip this file".
     """
     if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", (0, 0)
     try:
         with Image.open(path) as img:
             img.verify()
         with Image.open(path) as img:
+            size = upright_size(img)
             img.load()
     except Exception as exc:
-        return f"unreadable image ({type(exc).__name__}: {exc})"
-    return None
+        return f"unreadable image ({type(exc).__name__}: {exc})", (0, 0)
+    return None, size
+
+
+def read_metadata(folder: Path) -> dict[str, str] | None:
+    """Captions by relative file name from ``metadata.jsonl`` (None when the folder has none).
+
+    The caption is the ``text`` field (the Hugging Face imagefolder / diffusers convention) or ``caption``.
+    A malformed line is an error rather than a skip: the user wrote this file and a silently dropped line
+    would mean silently uncaptioned images.
+    """
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        return None
+    captions: dict[str, str] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+            raise DatasetError(f'{path}:{lineno}: each line needs a "file_name" string, got {line.strip()!r}')
+        text = record.get("text", record.get("caption", ""))
+        if not isinstance(text, str):
+            raise DatasetError(f'{path}:{lineno}: "text" must be a string, got {text!r}')
+        captions[Path(record["file_name"]).as_posix()] = text.strip()
+    return captions
 
 
 def scan_folder(folder: Path, caption_ext: str = "txt") -> FolderScan:
-    """Find the images directly inside folder (sorted by name) and pair each with its same-stem caption.
+    """Find the images inside folder (sorted by name) and pair each with its caption.
 
-    An image without a caption file is kept with an empty caption, which trains it unconditionally (the
-    usual convention in LoRA trainers), and listed in missing_captions so the caller can report it.
+    Captions come from ``metadata.jsonl`` when the folder has one (its entries may name files in
+    subfolders), otherwise from same-stem ``.caption_ext`` files. An image without a caption is kept with
+    an empty caption, which trains it unconditionally (the usual convention in LoRA trainers), and listed
+    in missing_captions so the caller can report it.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -70,10 +119,16 @@ def scan_folder(folder: Path, caption_ext: str = "txt") -> FolderScan:
         )
     if not folder.is_dir():
         raise DatasetError(f"dataset path '{folder}' is a file, not a folder of images with captions")
-    images = sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.name,
-    )
+    metadata = read_metadata(folder)
+    found = {p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    listed_missing: list[Path] = []
+    for name in metadata or {}:
+        path = folder / name
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            found.add(path)
+        else:
+            listed_missing.append(path)
+    images = sorted(found, key=lambda p: p.relative_to(folder).as_posix())
     if not images:
         looked_for = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DatasetError(
@@ -81,11 +136,17 @@ def scan_folder(folder: Path, caption_ext: str = "txt") -> FolderScan:
             f"add images with same-name .{caption_ext.lstrip('.')} caption files"
         )
     scan = FolderScan(folder)
+    for path in listed_missing:
+        problem = f"listed in {METADATA_FILE} but not an image file in the folder"
+        logger.warning("skipping %s: %s", path, problem)
+        scan.skipped.append((path, problem))
     for path in images:
-        problem = _image_problem(path)
+        problem, size = _inspect_image(path)
         caption_path = path.with_suffix("." + caption_ext.lstrip("."))
-        caption = ""
-        if problem is None and caption_path.is_file():
+        caption: str | None = None
+        if metadata is not None:
+            caption = metadata.get(path.relative_to(folder).as_posix())
+        elif problem is None and caption_path.is_file():
             try:
                 caption = caption_path.read_text(encoding="utf-8").strip()
             except UnicodeDecodeError:
@@ -94,11 +155,13 @@ def scan_folder(folder: Path, caption_ext: str = "txt") -> FolderScan:
             logger.warning("skipping %s: %s", path, problem)
             scan.skipped.append((path, problem))
             continue
-        if not caption_path.is_file():
+        if caption is None:
             scan.missing_captions.append(path)
-        scan.items.append((path, caption))
+        scan.items.append((path, caption or ""))
+        scan.sizes.append(size)
     if scan.skipped:
-        logger.warning("skipped %d of %d images in %s", len(scan.skipped), len(images), folder)
+        total = len(images) + len(listed_missing)
+        logger.warning("skipped %d of %d images in %s", len(scan.skipped), total, folder)
     if not scan.items:
         first_path, first_problem = scan.skipped[0]
         raise DatasetError(
@@ -107,19 +170,20 @@ def scan_folder(folder: Path, caption_ext: str = "txt") -> FolderScan:
         )
     if scan.missing_captions:
         logger.warning(
-            "%d images in %s have no .%s caption and will train with an empty caption",
+            "%d images in %s have no %s caption and will train with an empty caption",
             len(scan.missing_captions),
             folder,
-            caption_ext.lstrip("."),
+            f"{METADATA_FILE}" if metadata is not None else "." + caption_ext.lstrip("."),
         )
     return scan
 
 
-def load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path | IO[bytes]) -> Image.Image:
     """Decode an image as the viewer sees it: EXIF rotation applied, transparency composited over white.
 
     Compositing over white rather than dropping alpha keeps transparent regions from turning into
-    whatever colour the encoder happened to store there (often black).
+    whatever colour the encoder happened to store there (often black). Accepts a path or an open binary
+    file (a tar member).
     """
     with Image.open(path) as raw:
         img = ImageOps.exif_transpose(raw)
@@ -131,24 +195,97 @@ def load_rgb(path: Path) -> Image.Image:
     return img.convert("RGB")
 
 
+def cover_resize(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale (LANCZOS, aspect kept) to the smallest size that covers width x height; crop it afterwards."""
+    scale = max(width / img.width, height / img.height)
+    new_size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    return img.resize(new_size, Image.Resampling.LANCZOS) if new_size != img.size else img
+
+
+def crop_offsets(
+    size: tuple[int, int], width: int, height: int, position: tuple[float, float] | None = None
+) -> tuple[int, int]:
+    """(left, top) of a width x height crop of an image of ``size``: centred, or at ``position`` fractions
+    in [0, 1) of the slack (random crops), so every offset from 0 to the slack is reachable."""
+    slack_x, slack_y = size[0] - width, size[1] - height
+    if position is None:
+        return slack_x // 2, slack_y // 2
+    return min(slack_x, int(position[0] * (slack_x + 1))), min(slack_y, int(position[1] * (slack_y + 1)))
+
+
+def fit_and_crop(
+    img: Image.Image, width: int, height: int, position: tuple[float, float] | None = None
+) -> Image.Image:
+    """Cover-resize to width x height, then crop (centred unless ``position`` is given)."""
+    img = cover_resize(img, width, height)
+    left, top = crop_offsets(img.size, width, height, position)
+    return img.crop((left, top, left + width, top + height))
+
+
 def resize_and_crop(img: Image.Image, resolution: int) -> Image.Image:
     """Scale the shorter side to resolution (LANCZOS), then take the centre square."""
-    width, height = img.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if new_size != img.size:
-        img = img.resize(new_size, Image.Resampling.LANCZOS)
-    left, top = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
+    return fit_and_crop(img, resolution, resolution)
 
 
-def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8: a quarter of float32's memory, so preloaded datasets stay small."""
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def file_digest(path: Path, memo: dict[str, str] | None = None) -> str:
+    """Content hash of a file (BLAKE2b), memoised by (path, size, mtime) so re-runs skip re-reading photos."""
+    stat = path.stat()
+    memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if memo is not None and memo_key in memo:
+        return memo[memo_key]
+    digest = hashlib.blake2b(digest_size=20)
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if memo is not None:
+        memo[memo_key] = value
+    return value
+
+
+class FolderSource:
+    """A scanned folder as the training data sees it: captions, upright sizes, decoding and content hashes."""
+
+    streamed = False
+
+    def __init__(self, scan: FolderScan) -> None:
+        self.root = scan.folder
+        self.paths = [Path(p) for p, _ in scan.items]
+        self.captions = [c for _, c in scan.items]
+        self.sizes = list(scan.sizes) or [_upright_size_of(p) for p in self.paths]
+        self.skipped = len(scan.skipped)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def open(self, index: int) -> Image.Image:
+        return load_rgb(self.paths[index])
+
+    def digest(self, index: int, memo: dict[str, str] | None = None) -> str:
+        return file_digest(self.paths[index], memo)
+
+    def default_cache_dir(self) -> Path:
+        return self.root / ".eri_cache"
+
+
+def _upright_size_of(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return upright_size(img)
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Square training crops with captions, pixels in [-1, 1] as the VAEs and pixel-space models expect.
 
+    A plain map-style torch Dataset at one resolution, for notebooks and other tools; the trainer's
+    bucketed, cached, multi-dataset pipeline is :class:`eridiffusion.data.loader.TrainingData`.
     With preload (the default) every image is decoded once into one uint8 tensor: small datasets then cost
     no decoding per step, which matters on CPU. The random horizontal flip is a pure function of
     (seed, epoch, index), so a resumed run sees exactly the flips an uninterrupted one would; call
@@ -191,7 +328,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             img = load_rgb(path)
         except Exception as exc:
             raise DatasetError(f"cannot read image '{path}' ({type(exc).__name__}: {exc})") from exc
-        return _to_uint8_tensor(resize_and_crop(img, self.resolution))
+        return to_uint8_tensor(resize_and_crop(img, self.resolution))
 
     def flips(self, index: int) -> bool:
         """Whether item index is mirrored this epoch; independent of worker count and access order."""

@@ -1,7 +1,11 @@
 """Text-to-image sampling over any :class:`~eridiffusion.models.ModelFamily`.
 
 One small loop serves every scheduler: diffusers schedulers expose ``init_noise_sigma``,
-``scale_model_input`` and ``step``, which covers DDIM-style and Karras/Euler-style samplers alike.
+``scale_model_input`` and ``step``, which covers DDIM-style and Karras/Euler-style samplers alike; flow
+matching schedulers start from pure noise and scale nothing, so they lack the first two. The model's
+objective adds its own ``set_timesteps`` arguments (Flux's resolution-dependent ``mu``), and guidance-
+distilled models (:class:`~eridiffusion.models.protocol.GuidanceEmbedding`) take the guidance scale as an
+input instead of running classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from eridiffusion.inference.samplers import make_scheduler, resolve_sampler
-from eridiffusion.models.protocol import Conditioning, ModelFamily
+from eridiffusion.inference.samplers import check_sampler, make_scheduler, resolve_sampler
+from eridiffusion.models.protocol import Conditioning, GuidanceEmbedding, ModelFamily
 
 
 @dataclass
@@ -61,16 +65,18 @@ def sample(family: ModelFamily, req: GenerateRequest, device: torch.device | Non
     height = req.height or family.default_resolution()
     width = req.width or family.default_resolution()
     family.check_size(height, width)
-    resolve_sampler(req.sampler)
+    check_sampler(req.sampler, family.objective.prediction_type)
     device = device or next(iter(family.modules().values())).parameters().__next__().device
     prompts = req.expanded_prompts()
     n = len(prompts)
+    latent_shape = family.latent_shape(height, width)
     scheduler = make_scheduler(req.sampler, family.objective.scheduler_config())
-    scheduler.set_timesteps(req.steps, device=device)
+    extra = family.objective.set_timesteps_kwargs(req.steps, latent_shape)
+    scheduler.set_timesteps(req.steps, device=device, **extra)
     _check_timesteps(scheduler.timesteps, req)
     seeds = [req.seed + i for i in range(n)]
-    latents = initial_noise(family.latent_shape(height, width), seeds).to(device)
-    latents = latents * scheduler.init_noise_sigma
+    latents = initial_noise(latent_shape, seeds).to(device)
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     # ancestral/SDE samplers draw fresh noise each step: seed it too; deterministic ones take no generator
     step_kwargs = (
         {"generator": torch.Generator().manual_seed(req.seed)}
@@ -78,11 +84,17 @@ def sample(family: ModelFamily, req: GenerateRequest, device: torch.device | Non
         else {}
     )
     cond = family.encode_prompt(prompts)
-    use_cfg = req.guidance_scale != 1.0
+    embedded = (
+        family.embedded_guidance(req.guidance_scale, n) if isinstance(family, GuidanceEmbedding) else None
+    )
+    if embedded is not None:
+        cond = {**cond, **{k: v.to(device) for k, v in embedded.items()}}
+    use_cfg = embedded is None and req.guidance_scale != 1.0
     if use_cfg:
         cond = _cat(cond, family.encode_prompt([req.negative_prompt] * n))
+    scales_input = hasattr(scheduler, "scale_model_input")
     for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(latents, t)
+        model_in = scheduler.scale_model_input(latents, t) if scales_input else latents
         if use_cfg:
             model_in = torch.cat([model_in, model_in])
         timesteps = t.expand(model_in.shape[0]).to(device)

@@ -1,6 +1,10 @@
 """Sampler names users know (A1111's and short snake_case ones) mapped to diffusers schedulers.
 
 A scheduler object carries per-run state, so :func:`make_scheduler` builds a fresh one for every call.
+Each sampler states the prediction types it integrates: the DDPM-family samplers (epsilon / v) and the
+flow-matching Euler sampler (rectified flow's ODE, Esser et al. 2024) are not interchangeable, and
+:func:`check_sampler` says so before any work is done. A1111 and ComfyUI call the flow sampler "Euler" too;
+here it is ``flow_euler`` ("Flow Euler") so every name means one thing.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+DDPM_PREDICTIONS = frozenset({"epsilon", "v_prediction"})
+FLOW_PREDICTIONS = frozenset({"flow"})
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class SamplerSpec:
     label: str
     scheduler: type[SchedulerMixin]
     extra: dict[str, Any] = field(default_factory=dict)
+    prediction_types: frozenset[str] = DDPM_PREDICTIONS
+    """Objectives (``NoiseObjective.prediction_type``) this sampler integrates correctly."""
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -41,6 +51,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "dpmpp_2m_karras", "DPM++ 2M Karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}
         ),
         SamplerSpec("unipc", "UniPC", UniPCMultistepScheduler),
+        SamplerSpec(
+            "flow_euler", "Flow Euler", FlowMatchEulerDiscreteScheduler, prediction_types=FLOW_PREDICTIONS
+        ),
     )
 }
 
@@ -59,3 +72,26 @@ def make_scheduler(name: str, objective_config: dict[str, Any]) -> SchedulerMixi
     """A fresh scheduler matching the training objective (betas, prediction type)."""
     spec = resolve_sampler(name)
     return spec.scheduler(**objective_config, **spec.extra)
+
+
+def compatible_samplers(prediction_type: str) -> list[str]:
+    """Keys of the samplers that integrate a model trained with ``prediction_type``, in registry order."""
+    return [s.key for s in SAMPLERS.values() if prediction_type in s.prediction_types]
+
+
+def check_sampler(name: str, prediction_type: str) -> SamplerSpec:
+    """The sampler ``name``, or a ValueError naming the ones that suit this model."""
+    spec = resolve_sampler(name)
+    if prediction_type not in spec.prediction_types:
+        kinds = "flow-matching" if spec.prediction_types == FLOW_PREDICTIONS else "epsilon/v-prediction"
+        suitable = ", ".join(f"{k} ({SAMPLERS[k].label})" for k in compatible_samplers(prediction_type))
+        raise ValueError(
+            f"sampler {name!r} ({spec.label}) is for {kinds} models, but this model predicts "
+            f"{prediction_type!r}; use one of: {suitable}"
+        )
+    return spec
+
+
+def default_sampler(prediction_type: str) -> str:
+    """The sampler used when none is named: DDIM for epsilon/v models, Flow Euler for flow models."""
+    return compatible_samplers(prediction_type)[0]

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from eridiffusion.config.schema import ModelConfig
+from eridiffusion.models.flux import FluxFamily
 from eridiffusion.models.protocol import Conditioning, ModelFamily, NoiseObjective
+from eridiffusion.models.sd3 import SD3Family
+from eridiffusion.models.sd15 import SD15Family
+from eridiffusion.models.sdxl import SDXLFamily
 from eridiffusion.models.tiny import FAMILY_FILE, TinyFamily, parse_options
 
 __all__ = [
@@ -39,6 +43,8 @@ class FamilyEntry:
     """(path, model config with component paths) -> loaded model, offline."""
     detect: Callable[[Path], bool]
     """Does this folder or single file hold this family?"""
+    load_options: bool = False
+    """Does ``load`` honour ``model.options`` (e.g. the flow-matching training settings of sd3/flux)?"""
 
 
 def _tiny_build(options: dict[str, Any], seed: int) -> ModelFamily:
@@ -55,6 +61,10 @@ FAMILIES: dict[str, FamilyEntry] = {
     "tiny": FamilyEntry(
         "tiny", _tiny_build, lambda path, _cfg: TinyFamily.from_pretrained(path), _tiny_detect
     ),
+    "sd15": FamilyEntry("sd15", SD15Family.build, SD15Family.load, SD15Family.detect),
+    "sdxl": FamilyEntry("sdxl", SDXLFamily.build, SDXLFamily.load, SDXLFamily.detect),
+    "sd3": FamilyEntry("sd3", SD3Family.build, SD3Family.load, SD3Family.detect, load_options=True),
+    "flux": FamilyEntry("flux", FluxFamily.build, FluxFamily.load, FluxFamily.detect, load_options=True),
 }
 
 
@@ -88,4 +98,6 @@ def load_family(path: str | Path, cfg: ModelConfig | None = None) -> ModelFamily
     arch = cfg.arch or detect_arch(path)
     if arch not in FAMILIES:
         raise ValueError(f"model.arch {arch!r} is not a known family; choose one of {sorted(FAMILIES)}")
+    if cfg.options and not FAMILIES[arch].load_options:
+        raise ValueError("model.options only applies when building from scratch; remove it or name_or_path")
     return FAMILIES[arch].load(path, cfg)

@@ -25,16 +25,23 @@ class TrainBatchTarget:
     timesteps: torch.Tensor
     target: torch.Tensor
     snr: torch.Tensor
+    weight: torch.Tensor | None = None
+    """Per-sample loss weight the objective itself prescribes (flow-matching loss weighting); None: 1."""
 
 
 @runtime_checkable
 class NoiseObjective(Protocol):
-    """Forward process and regression target of a family (eps / v / flow)."""
+    """Forward process and regression target of a family (``epsilon`` / ``v_prediction`` / ``flow``)."""
 
     prediction_type: str
     num_train_timesteps: int
 
-    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor: ...
+    def sample_timesteps(
+        self, n: int, generator: torch.Generator, latent_shape: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """Training timesteps for ``n`` samples. ``latent_shape`` (C, H, W) of the batch lets resolution-
+        dependent schedules (Flux's shift) follow the batch size in pixels; objectives may ignore it."""
+        ...
 
     def make_target(
         self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
@@ -42,6 +49,10 @@ class NoiseObjective(Protocol):
 
     def scheduler_config(self) -> dict[str, Any]:
         """Keyword arguments for diffusers schedulers so sampling matches training."""
+        ...
+
+    def set_timesteps_kwargs(self, steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """Extra ``scheduler.set_timesteps`` arguments for images of this latent shape (Flux's ``mu``)."""
         ...
 
 
@@ -53,7 +64,13 @@ class ModelFamily(Protocol):
     objective: NoiseObjective
 
     def modules(self) -> dict[str, nn.Module]:
-        """Every module by component name (``denoiser``, ``text_encoder``...), for device moves and saving."""
+        """Every module by component name (``denoiser``, ``text_encoder``...), for device moves and saving.
+
+        Naming contract the data caches rely on: components whose name starts with ``text_encoder`` are
+        used only by ``encode_prompt``; any other component except ``denoiser`` (e.g. ``vae``) only by
+        ``encode_images`` / ``decode_latents``. Their weights identify cache entries, and once every batch
+        comes from a cache they are moved off the training device.
+        """
         ...
 
     def trainable_modules(self, train_text_encoder: bool) -> dict[str, nn.Module]:
@@ -68,6 +85,11 @@ class ModelFamily(Protocol):
 
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError naming the family's multiple when the size cannot be generated."""
+        ...
+
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE factor x denoiser down-sampling / patching, e.g. 64
+        for SD1.5/SDXL, 16 for SD3/Flux); aspect-ratio buckets are built from it."""
         ...
 
     def encode_prompt(self, prompts: list[str]) -> Conditioning: ...
@@ -92,6 +114,18 @@ class ModelFamily(Protocol):
         ...
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelFamily: ...
+
+
+@runtime_checkable
+class GuidanceEmbedding(Protocol):
+    """Optional capability of guidance-distilled models (Flux.1 dev; Meng et al. 2023, "On Distillation of
+    Guided Diffusion Models"): the guidance scale is an input of the denoiser, not two passes of
+    classifier-free guidance. The sampler asks before running CFG."""
+
+    def embedded_guidance(self, scale: float, n: int) -> Conditioning | None:
+        """Conditioning entries carrying ``scale`` for ``n`` images, or None when this model has no guidance
+        input (then the sampler runs ordinary classifier-free guidance)."""
+        ...
 
 
 def underscored_lora_names(kohya_prefix: str, diffusers_prefix: str, module_path: str) -> tuple[str, str]:

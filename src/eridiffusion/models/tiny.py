@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -49,6 +49,24 @@ class TinyOptions(BaseModel):
     beta_start: float = Field(default=0.0001, gt=0, lt=1, description="linear/quadratic schedules only")
     beta_end: float = Field(default=0.02, gt=0, lt=1, description="linear/quadratic schedules only")
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    latent: Literal["packed", "autoencoder"] = Field(
+        default="packed", description="packed pixels (no training needed) or a learned AutoencoderKL"
+    )
+    vae_channels: list[int] = Field(default=[32, 64], min_length=1, description="autoencoder width per level")
+    latent_channels: int = Field(default=4, ge=1)
+
+    @property
+    def input_factor(self) -> int:
+        """Pixels per denoiser cell: the packing factor, or the autoencoder's down-sampling."""
+        return self.patch_size if self.latent == "packed" else 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def input_channels(self) -> int:
+        return 3 * self.patch_size**2 if self.latent == "packed" else self.latent_channels
+
+    @property
+    def size_multiple(self) -> int:
+        return self.input_factor * 2 ** (len(self.channels) - 1)
 
     @model_validator(mode="after")
     def _consistent(self) -> TinyOptions:
@@ -57,12 +75,13 @@ class TinyOptions(BaseModel):
                 f"attention_levels has {len(self.attention_levels)} entries but channels has "
                 f"{len(self.channels)}; give one true/false per UNet level"
             )
-        factor = self.patch_size * 2 ** (len(self.channels) - 1)
+        factor = self.size_multiple
         if self.resolution % factor:
             raise ValueError(
-                f"resolution {self.resolution} must be a multiple of {factor} (patch_size x 2^(levels-1))"
+                f"resolution {self.resolution} must be a multiple of {factor} "
+                "(packing or autoencoder factor x 2^(UNet levels - 1))"
             )
-        if any(c % self.norm_num_groups for c in self.channels):
+        if any(c % self.norm_num_groups for c in [*self.channels, *self.vae_channels]):
             raise ValueError(
                 f"every channel count must be divisible by norm_num_groups={self.norm_num_groups}"
             )
@@ -92,7 +111,7 @@ def parse_options(options: dict[str, Any], where: str = "model.options") -> Tiny
 
 
 class TinyFamily:
-    """UNet + CLIP text encoder in packed pixel space."""
+    """UNet + CLIP text encoder in packed pixel space, or in the latent space of a small AutoencoderKL."""
 
     arch = "tiny"
 
@@ -102,11 +121,15 @@ class TinyFamily:
         unet: UNet2DConditionModel,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
+        vae: AutoencoderKL | None = None,
     ) -> None:
+        if (vae is None) != (options.latent == "packed"):
+            raise ValueError("a tiny model has an autoencoder exactly when options.latent is 'autoencoder'")
         self.options = options
         self.unet = unet
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.vae = vae
         self.objective = DDPMObjective(
             options.beta_schedule,
             options.prediction_type,
@@ -135,7 +158,8 @@ class TinyFamily:
                 )
             )
             unet = UNet2DConditionModel(**_unet_kwargs(options))
-        return cls(options, unet, text_encoder, tokenizer)
+            vae = AutoencoderKL(**_vae_kwargs(options)) if options.latent == "autoencoder" else None
+        return cls(options, unet, text_encoder, tokenizer, vae)
 
     @classmethod
     def from_pretrained(cls, path: Path) -> TinyFamily:
@@ -144,19 +168,25 @@ class TinyFamily:
         unet = UNet2DConditionModel.from_pretrained(path / "unet")
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-        return cls(options, unet, text_encoder, tokenizer)
+        vae = AutoencoderKL.from_pretrained(path / "vae") if options.latent == "autoencoder" else None
+        return cls(options, unet, text_encoder, tokenizer, vae)
 
     def save_pretrained(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path / "text_encoder")
         self.tokenizer.save_pretrained(path / "tokenizer")
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae")
         meta = {"arch": self.arch, "options": self.options.model_dump()}
         (path / FAMILY_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
     # ModelFamily ----------------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
-        return {"denoiser": self.unet, "text_encoder": self.text_encoder}
+        mods: dict[str, nn.Module] = {"denoiser": self.unet, "text_encoder": self.text_encoder}
+        if self.vae is not None:
+            mods["vae"] = self.vae
+        return mods
 
     def trainable_modules(self, train_text_encoder: bool) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {"denoiser": self.unet}
@@ -168,11 +198,15 @@ class TinyFamily:
         return self.options.resolution
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        p = self.options.patch_size
-        return 3 * p * p, height // p, width // p
+        f = self.options.input_factor
+        return self.options.input_channels, height // f, width // f
+
+    def size_multiple(self) -> int:
+        """Packing (or the autoencoder), then one 2x down-sampling per UNet level after the first."""
+        return self.options.size_multiple
 
     def check_size(self, height: int, width: int) -> None:
-        factor = self.options.patch_size * 2 ** (len(self.options.channels) - 1)
+        factor = self.size_multiple()
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % factor:
                 raise ValueError(
@@ -190,13 +224,22 @@ class TinyFamily:
         return {"context": self.text_encoder(ids).last_hidden_state}
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.pixel_unshuffle(pixels, self.options.patch_size)
+        if self.vae is None:
+            return F.pixel_unshuffle(pixels, self.options.patch_size)
+        # the posterior mean: deterministic latents, so data order alone fixes a training run
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
+        return latents.float() * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(latents, self.options.patch_size)
+        if self.vae is None:
+            return F.pixel_shuffle(latents, self.options.patch_size)
+        scaled = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+        return self.vae.decode(scaled).sample.float()
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.unet(noisy, timesteps, encoder_hidden_states=cond["context"]).sample
+        # a frozen text encoder may be stored in bf16/fp16 (model.dtype) while the UNet trains in fp32
+        context = cond["context"].to(self.unet.dtype)
+        return self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=context).sample
 
     def lora_key_names(self, component: str, module_path: str) -> tuple[str, str]:
         prefixes = {"denoiser": ("lora_unet", "unet"), "text_encoder": ("lora_te", "text_encoder")}
@@ -211,9 +254,9 @@ class TinyFamily:
 def _unet_kwargs(o: TinyOptions) -> dict[str, Any]:
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in o.attention_levels]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(o.attention_levels)]
-    channels = 3 * o.patch_size**2
+    channels = o.input_channels
     return {
-        "sample_size": o.resolution // o.patch_size,
+        "sample_size": o.resolution // o.input_factor,
         "in_channels": channels,
         "out_channels": channels,
         "block_out_channels": tuple(o.channels),
@@ -224,4 +267,21 @@ def _unet_kwargs(o: TinyOptions) -> dict[str, Any]:
         "cross_attention_dim": o.context_dim,
         "attention_head_dim": o.attention_head_dim,
         "norm_num_groups": o.norm_num_groups,
+    }
+
+
+def _vae_kwargs(o: TinyOptions) -> dict[str, Any]:
+    levels = len(o.vae_channels)
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": o.latent_channels,
+        "block_out_channels": tuple(o.vae_channels),
+        "down_block_types": ("DownEncoderBlock2D",) * levels,
+        "up_block_types": ("UpDecoderBlock2D",) * levels,
+        "layers_per_block": 1,
+        "norm_num_groups": o.norm_num_groups,
+        "sample_size": o.resolution,
+        # replaced by 1/std of real latents when an autoencoder stage finishes (see training.autoencoder)
+        "scaling_factor": 1.0,
     }

@@ -1,4 +1,4 @@
-"""Build a small CLIP BPE tokenizer locally (no hub download).
+"""Build small CLIP BPE and T5 unigram tokenizers locally (no hub download).
 
 The vocabulary is CLIP's byte-level alphabet plus whole-word tokens for a word list, with the merges that
 assemble each word. Any text still tokenizes (unknown words fall back to byte pieces), and the result is a
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5Tokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -70,3 +70,23 @@ def build_tokenizer(folder: Path, words: list[str] | None = None, max_length: in
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
     return CLIPTokenizer.from_pretrained(folder)
+
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+"""T5's fixed ids 0, 1, 2 (pad doubles as the decoder start token)."""
+
+
+def build_t5_tokenizer(folder: Path, words: list[str] | None = None, max_length: int = 256) -> T5Tokenizer:
+    """A genuine T5 (SentencePiece-style unigram) tokenizer built locally, saved to ``folder`` and reloaded.
+
+    Pieces are ``▁word`` for each word plus every printable ASCII character, so any ASCII text tokenizes
+    (a word outside the list falls back to single characters); ids 0/1/2 are pad/eos/unk as in T5.
+    """
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = [(tok, 0.0) for tok in T5_SPECIALS] + [("▁", -2.0)]
+    pieces += [(f"▁{w}", -1.0) for w in sorted(set(words or BASE_WORDS))]
+    pieces += [(f"▁{c}", -4.0) for c in chars] + [(c, -5.0) for c in chars]
+    tokenizer = T5Tokenizer(vocab=list(dict(pieces).items()), extra_ids=0, model_max_length=max_length)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    return T5Tokenizer.from_pretrained(folder)

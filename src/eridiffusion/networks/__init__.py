@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from eridiffusion.config.schema import NetworkConfig
@@ -41,12 +42,17 @@ __all__ = [
 
 
 def attach_network(
-    family: ModelFamily, cfg: NetworkConfig, train_text_encoder: bool
+    family: ModelFamily, cfg: NetworkConfig, train_text_encoder: bool, seed: int = 0
 ) -> dict[str, nn.Parameter]:
-    """Freeze the model, inject adapters, optionally load ``cfg.init_from``; returns the trainable tensors."""
+    """Freeze the model, inject adapters, optionally load ``cfg.init_from``; returns the trainable tensors.
+
+    peft draws the initial adapter weights from the global RNG: ``seed`` pins them, so the same config gives
+    the same adapter whatever ran before (a resumed pipeline reaches this point with another RNG state)."""
     for module in family.modules().values():
         module.requires_grad_(False)
-    inject(family, cfg, train_text_encoder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject(family, cfg, train_text_encoder)
     if cfg.init_from:
         adapter = read_adapter_file(Path(cfg.init_from), family)
         state = peft_state_from_file(adapter, family, adapter_alphas(family))

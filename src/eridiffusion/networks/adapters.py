@@ -189,3 +189,17 @@ def adapter_alphas(family: ModelFamily) -> dict[tuple[str, str], tuple[float, in
                 alpha = layer.lora_alpha[ADAPTER] if hasattr(layer, "lora_alpha") else layer.alpha[ADAPTER]
                 found[(component, path)] = (float(alpha), int(layer.r[ADAPTER]))
     return found
+
+
+def lora_parameter_count(module: nn.Module, cfg: NetworkConfig) -> int:
+    """Parameters a LoRA/DoRA of ``cfg`` would add to ``module`` (LoHa doubles the factors; LoKr varies)."""
+    total = 0
+    targets = select_targets(module, cfg)
+    for names, rank in ((targets.linear, cfg.linear), (targets.conv, cfg.conv or 0)):
+        for name in names:
+            layer = module.get_submodule(name)
+            weight = layer.weight
+            fan_in = weight[0].numel()
+            total += rank * (fan_in + weight.shape[0]) * (2 if cfg.type == "loha" else 1)
+            total += weight.shape[0] if cfg.type == "dora" else 0
+    return total

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +25,12 @@ PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 _DAMAGE = (OSError, ValueError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError, SafetensorError)
 """What a truncated or corrupt checkpoint file raises (safetensors and pickle errors are not OSErrors)."""
+
+
+class StatefulOptimizer(Protocol):
+    """An optimizer, or several behind one state dict (pipeline stages with per-component optimizers)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -38,6 +44,14 @@ class TrainState:
     config_hash: str = ""
     last_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # multi-stage pipelines: where in the pipeline, the watched metric, finished steps' summaries
+    stage: int = 0
+    stage_name: str = ""
+    stage_step: int = 0
+    stage_micro_batches: int = 0
+    watch: dict[str, float] = field(default_factory=dict)
+    stages_done: dict[str, dict[str, float]] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -113,7 +127,7 @@ class CheckpointManager:
         self,
         state: TrainState,
         trainable: dict[str, torch.Tensor],
-        optimizer: torch.optim.Optimizer,
+        optimizer: StatefulOptimizer,
         ema: dict[str, torch.Tensor] | None,
         extra: Callable[[Path], None] | None = None,
     ) -> Path:

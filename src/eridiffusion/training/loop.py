@@ -24,8 +24,10 @@ from tqdm import tqdm
 
 from eridiffusion.config.load import dump_config
 from eridiffusion.config.schema import JobConfig
-from eridiffusion.data.loader import Batch, TrainingData
+from eridiffusion.data.cache import prepare_caches
+from eridiffusion.data.loader import Batch, TrainingData, open_sources
 from eridiffusion.inference.generate import GenerateRequest, make_grid, sample, to_pil, upscale_nearest
+from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models import ModelFamily, build_family, load_family
 from eridiffusion.networks import attach_network, export_network
 from eridiffusion.training.checkpoint import CheckpointManager, TrainState, atomic_write_dir
@@ -71,6 +73,7 @@ def config_fingerprint(cfg: JobConfig) -> str:
     """Hash of the settings that change the weights a run produces (not steps, saving, sampling, logging)."""
     data = cfg.model_dump(mode="json", exclude={"save", "sample", "logging", "eval", "output_dir", "name"})
     data["train"].pop("steps", None)
+    data["train"].pop("num_workers", None)  # the batch sequence is the same for any worker count
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,40 +82,64 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 
 
 def load_or_build(cfg: JobConfig) -> ModelFamily:
-    if cfg.model.name_or_path:
-        if cfg.model.options:
-            raise ValueError(
-                "model.options only applies when building from scratch; remove it or name_or_path"
-            )
+    if cfg.model.name_or_path:  # load_family refuses model.options for families that only build with them
         return load_family(cfg.model.name_or_path, cfg.model)
     if cfg.model.arch is None:
         raise ValueError("set model.arch to build a model from scratch, or model.name_or_path to load one")
-    return build_family(cfg.model.arch, cfg.model.options, seed=cfg.train.seed)
+    options = dict(cfg.model.options)
+    if cfg.model.prediction_type is not None:  # the override applies to models built from scratch too
+        options["prediction_type"] = cfg.model.prediction_type
+    return build_family(cfg.model.arch, options, seed=cfg.train.seed)
 
 
 def diffusion_loss(
     family: ModelFamily, batch: Batch, cfg: JobConfig, gen: torch.Generator, device: torch.device
 ) -> torch.Tensor:
     """One micro-batch's loss: noise the images, predict, regress the objective's target."""
-    n = batch.pixels.shape[0]
+    n = len(batch)
     drop = torch.rand(n, generator=gen) < batch.dropout_rates
     captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
-    x0 = family.encode_images(batch.pixels.to(device))
+    # cached latents / text embeddings (datasets[].cache_*) stand in for the encoders when present
+    if batch.latents is not None:
+        x0 = batch.latents.to(device)
+    else:
+        x0 = family.encode_images(batch.pixels.to(device))
     noise = torch.randn(x0.shape, generator=gen).to(device)
-    timesteps = family.objective.sample_timesteps(n, gen).to(device)
+    # the latent size lets resolution-dependent schedules (Flux's shift) follow the batch's image size
+    timesteps = family.objective.sample_timesteps(n, gen, latent_shape=tuple(x0.shape[1:])).to(device)
     target = family.objective.make_target(x0, noise, timesteps)
-    cond = family.encode_prompt(captions)
+    if batch.cond is not None:
+        cond = batch.cached_conditioning(drop, device)
+    else:
+        cond = family.encode_prompt(captions)
     pred = family.predict(target.noisy, timesteps, cond)
     losses = per_sample_loss(pred, target.target, cfg.train.loss, cfg.train.huber_delta)
     if cfg.train.min_snr_gamma is not None:
         weights = min_snr_weights(target.snr, cfg.train.min_snr_gamma, family.objective.prediction_type)
         losses = losses * weights.to(losses.device)
+    if target.weight is not None:  # the objective's own weighting (flow matching's loss_weighting)
+        losses = losses * target.weight.to(losses.device)
+    losses = losses * batch.loss_weights.to(losses.device)  # datasets[].loss_weight (e.g. for reg images)
     return losses.mean()
+
+
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def store_frozen_weights(family: ModelFamily, trained: set[str], storage: str) -> None:
+    """``model.dtype``: components nothing trains (VAE, frozen text encoders, an adapter's base model) are
+    kept in bf16/fp16 to halve their memory; trained ones stay fp32 so the optimizer updates full-precision
+    weights. Families cast inputs to each component's dtype."""
+    for name, module in family.modules().items():
+        target = torch.float32 if name in trained else STORAGE_DTYPES[storage]
+        if any(p.dtype != target for p in module.parameters() if p.is_floating_point()):
+            module.to(dtype=target)
 
 
 def trainable_parameters(family: ModelFamily, cfg: JobConfig) -> dict[str, nn.Parameter]:
     """Freeze everything, then unfreeze what this run trains; names are ``component.param``."""
     trainable = family.trainable_modules(cfg.train.train_text_encoder)
+    store_frozen_weights(family, set(trainable), cfg.model.dtype)
     params: dict[str, nn.Parameter] = {}
     for name, module in family.modules().items():
         is_trained = name in trainable
@@ -121,12 +148,12 @@ def trainable_parameters(family: ModelFamily, cfg: JobConfig) -> dict[str, nn.Pa
             p.requires_grad_(is_trained)
             if is_trained:
                 params[f"{name}.{pname}"] = p
-        if (
-            is_trained
-            and cfg.train.gradient_checkpointing
-            and hasattr(module, "enable_gradient_checkpointing")
-        ):
-            module.enable_gradient_checkpointing()
+        if is_trained and cfg.train.gradient_checkpointing:
+            # diffusers models and transformers models name the switch differently
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            elif hasattr(module, "gradient_checkpointing_enable"):
+                module.gradient_checkpointing_enable()
     return params
 
 
@@ -141,12 +168,15 @@ class _Logger:
 
             self.tb = SummaryWriter(str(run_dir / "logs"))
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    def log(self, step: int, values: dict[str, float], group: str = "train") -> None:
+        """``group`` prefixes TensorBoard tags (pipelines log each step under its own name)."""
+        self.jsonl.write(
+            json.dumps({"step": step, **({"stage": group} if group != "train" else {}), **values}) + "\n"
+        )
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in values.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.add_scalar(f"{group}/{k}", v, step)
 
     def close(self) -> None:
         self.jsonl.close()
@@ -194,6 +224,10 @@ def save_samples(family: ModelFamily, cfg: JobConfig, step: int, device: torch.d
 
 def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -> TrainResult:
     """Run (or resume) the job described by ``cfg``; returns where the final model was written."""
+    if cfg.pipeline is not None:
+        from eridiffusion.training.pipeline import run_pipeline  # pipeline builds on this module
+
+        return run_pipeline(cfg, on_step)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
@@ -201,17 +235,25 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     amp_dtype = resolve_precision(cfg.train.mixed_precision, device)
     t = cfg.train
 
-    data = TrainingData(cfg.datasets, t.batch_size, t.seed)
+    sources = open_sources(cfg.datasets)  # scan first: a bad path fails before a model loads
+    family = load_or_build(cfg).to(device)
+    if cfg.sample.prompts:  # a wrong sampler would otherwise only fail at the first sample grid
+        try:
+            check_sampler(cfg.sample.sampler, family.objective.prediction_type)
+        except ValueError as exc:
+            raise ValueError(f"sample.sampler: {exc}") from None
+    for i, d in enumerate(cfg.datasets):
+        for resolution in d.resolutions:
+            try:
+                family.check_size(resolution, resolution)
+            except ValueError as exc:
+                raise ValueError(f"datasets[{i}].resolution: {exc}") from None
+    data = TrainingData(cfg.datasets, t.batch_size, t.seed, family.size_multiple(), sources)
     if data.skipped:
         logger.warning("%d unreadable image(s) skipped; training on %d", data.skipped, len(data))
-    family = load_or_build(cfg).to(device)
-    for i, d in enumerate(cfg.datasets):
-        try:
-            family.check_size(d.resolution, d.resolution)
-        except ValueError as exc:
-            raise ValueError(f"datasets[{i}].resolution: {exc}") from None
     if cfg.network is not None:
-        params = attach_network(family, cfg.network, t.train_text_encoder)
+        store_frozen_weights(family, set(), cfg.model.dtype)
+        params = attach_network(family, cfg.network, t.train_text_encoder, seed=t.seed)
         for name, module in family.trainable_modules(t.train_text_encoder).items():
             module.train(True)
             if (
@@ -225,6 +267,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     export = _exporter(
         family, cfg, state_info={"eri_base_model": cfg.model.name_or_path or f"scratch:{family.arch}"}
     )
+    offload = prepare_caches(data, family, device, cfg.logging.progress)
     optimizer = build_optimizer(params, t.optimizer, t.lr)
     ema = EMA(params, t.ema.decay, t.ema.warmup) if t.ema.enabled else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
@@ -248,6 +291,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )
+    batches = data.iterate(state.micro_batches, t.steps * t.gradient_accumulation_steps, t.num_workers)
     started, started_step = time.perf_counter(), state.step
     try:
         for step in range(state.step, t.steps):
@@ -256,7 +300,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
                 group["lr"] = lr
             total = 0.0
             for micro in range(t.gradient_accumulation_steps):
-                batch = data.batch(state.micro_batches)
+                batch = next(batches)
                 state.micro_batches += 1
                 state.epoch = batch.epoch
                 with autocast:
@@ -304,7 +348,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
                     },
                 )
             if cfg.sample.every and state.step % cfg.sample.every == 0 and state.step < t.steps:
-                with ema_weights(ema, params):
+                with ema_weights(ema, params), offload.restored():
                     save_samples(family, cfg, state.step, device)
             if state.step % cfg.save.every == 0 or state.step == t.steps:
                 ckpts.save(
@@ -317,10 +361,11 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
             if on_step is not None:
                 on_step(state)
     finally:
+        batches.close()
         bar.close()
         log.close()
 
-    with ema_weights(ema, params):
+    with ema_weights(ema, params), offload.restored():
         save_samples(family, cfg, state.step, device)
         if cfg.network is not None:
             output = _export_path(cfg, run_dir)

@@ -37,4 +37,8 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
         return clipped / snr
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
-    raise ValueError(f"min-SNR weighting is defined for epsilon and v_prediction, not {prediction_type!r}")
+    raise ValueError(
+        f"train.min_snr_gamma: min-SNR weighting is defined for epsilon and v_prediction models, not "
+        f"{prediction_type!r}; remove it (flow-matching models weight timesteps with "
+        "model.options.timestep_sampling and model.options.loss_weighting instead)"
+    )

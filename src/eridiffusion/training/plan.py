@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from eridiffusion.config.load import ConfigError
 from eridiffusion.config.schema import JobConfig
-from eridiffusion.data.folder import IMAGE_EXTENSIONS
-from eridiffusion.inference.samplers import resolve_sampler
+from eridiffusion.inference.samplers import check_sampler, resolve_sampler
+from eridiffusion.models.protocol import ModelFamily
 from eridiffusion.training.loop import load_or_build
-
-
-def _count_images(folder: Path) -> int:
-    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+from eridiffusion.training.pipeline import StagePlan, estimate_images, plan_stages, stage_parameter_counts
 
 
 def describe_plan(cfg: JobConfig) -> str:
     """The plan as text; raises ConfigError listing every problem found."""
-    problems: list[str] = []
-    images = 0
-    for i, d in enumerate(cfg.datasets):
-        folder = Path(d.folder_path)
-        if folder.is_dir():
-            found = _count_images(folder)
-            if not found and d.synthetic is None:
-                problems.append(f"datasets[{i}].folder_path: no images in '{folder}'")
-            images += found * d.num_repeats
-        elif d.synthetic is not None:
-            images += d.synthetic.n * d.num_repeats
-        else:
-            problems.append(f"datasets[{i}].folder_path: '{folder}' does not exist")
+    images, problems = estimate_images(cfg.datasets, "datasets")
     for where, name in (("sample.sampler", cfg.sample.sampler), ("eval.sampler", cfg.eval.sampler)):
         try:
             resolve_sampler(name)
@@ -40,8 +23,19 @@ def describe_plan(cfg: JobConfig) -> str:
         family = load_or_build(cfg)
     except (ValueError, FileNotFoundError) as exc:
         problems.append(f"model: {exc}")
+    if family is not None and cfg.sample.prompts:
+        try:
+            check_sampler(cfg.sample.sampler, family.objective.prediction_type)
+        except ValueError as exc:
+            problems.append(f"sample.sampler: {exc}")
+    plans = []
+    if family is not None and cfg.pipeline is not None:
+        plans, stage_problems = plan_stages(cfg, family)
+        problems += stage_problems
     if problems:
         raise ConfigError("config problems:\n" + "\n".join(f"  {p}" for p in problems))
+    if cfg.pipeline is not None:
+        return _describe_pipeline(cfg, family, plans)
 
     t = cfg.train
     trainable = family.trainable_modules(t.train_text_encoder)
@@ -60,4 +54,30 @@ def describe_plan(cfg: JobConfig) -> str:
         f"  optimizer: {t.optimizer.type} lr {t.lr:g}, {t.lr_scheduler} schedule, warmup {t.lr_warmup_steps}",
         f"  checkpoints every {cfg.save.every} steps, keeping {cfg.save.keep}",
     ]
+    return "\n".join(lines)
+
+
+def _describe_pipeline(cfg: JobConfig, family: ModelFamily, plans: list[StagePlan]) -> str:
+    lines = [f"job {cfg.name}: {family.arch} pipeline of {len(plans)} step(s) -> {cfg.run_dir}"]
+    total = 0
+    for plan in plans:
+        stage = plan.config
+        counts = stage_parameter_counts(family, stage)
+        total += plan.steps
+        rule = stage.transition
+        ends = {
+            "steps": f"after {plan.steps} steps",
+            "epoch": f"after {stage.n_epochs} epoch(s)",
+            "loss_threshold": f"when smoothed {rule.metric} < {rule.threshold} for {rule.patience} "
+            f"step(s) (from step {rule.min_steps}; at most {plan.steps})",
+        }[rule.type]
+        lines.append(
+            f"  [{plan.index}] {stage.name} ({stage.kind}): {plan.images} images, batch "
+            f"{plan.batch_size}, up to {plan.steps} steps; ends {ends}"
+        )
+        for comp, n in counts.items():
+            lines.append(f"      trains {comp}: {n:,} params")
+        frozen = sorted(set(family.modules()) - set(stage.trainable))
+        lines.append(f"      frozen: {', '.join(frozen) or 'nothing'}")
+    lines.append(f"  total: up to {total} optimizer steps; checkpoints every {cfg.save.every} steps")
     return "\n".join(lines)

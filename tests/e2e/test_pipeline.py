@@ -1,0 +1,171 @@
+"""Multi-stage pipelines: validation, a 3-step run, loss-threshold transitions, mid-stage resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eridiffusion.cli import EXIT_USER_ERROR, main
+from eridiffusion.training import loop
+from tests.conftest import TINY_OPTIONS, tiny_job, write_yaml
+
+
+def pipeline_job(root: Path, name: str = "p", **pipeline: Any) -> dict[str, Any]:
+    job = tiny_job(root, name=name)
+    job["model"]["options"] = {**TINY_OPTIONS, "latent": "autoencoder", "vae_channels": [16, 32]}
+    job["train"]["ema"] = {"enabled": False}
+    job["save"] = {"every": 2, "keep": 10}
+    job["pipeline"] = pipeline or {
+        "defaults": {"optimizers": {"default": {"lr": 1e-3, "lr_scheduler": "cosine"}}},
+        "steps": [
+            {
+                "name": "ae",
+                "kind": "autoencoder",
+                "trainable": ["vae", "discriminator"],
+                "max_steps": 3,
+                "autoencoder": {"discriminator": True, "disc_start": 1},
+                "optimizers": {"discriminator": {"lr": 2e-4}},
+            },
+            {
+                "name": "diffusion",
+                "trainable": ["denoiser", "text_encoder"],
+                "frozen": ["vae"],
+                "n_epochs": 1,
+                "transition": {"type": "epoch"},
+            },
+            {
+                "name": "concept",
+                "trainable": ["lora"],
+                "network": {"type": "lora", "linear": 2},
+                "max_steps": 3,
+            },
+        ],
+    }
+    return job
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved component folder (diffusers and transformers name their files differently)."""
+    (file,) = folder.glob("*.safetensors")
+    return load_file(file)
+
+
+def _model_weights(run: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for part in ("unet", "vae", "text_encoder"):
+        out.update({f"{part}.{k}": v for k, v in _weights(run / "model" / part).items()})
+    return out
+
+
+def test_validate_prints_each_step_with_its_trainable_parameters(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = write_yaml(tmp_path / "p.yaml", pipeline_job(tmp_path))
+    assert main(["validate", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline of 3 step(s)" in out
+    assert "[0] ae (autoencoder)" in out and "trains discriminator:" in out
+    assert "[1] diffusion (diffusion): 48 images, batch 8, up to 6 steps; ends after 1 epoch(s)" in out
+    assert "trains lora: " in out and "frozen: denoiser, text_encoder, vae" in out
+    assert not (tmp_path / "output").exists()
+
+
+def test_validate_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    job = pipeline_job(tmp_path)
+    job["model"]["options"] = dict(TINY_OPTIONS)  # no autoencoder in this model
+    job["pipeline"]["steps"][1]["trainable"] = ["denoiser", "unet"]
+    assert main(["validate", str(write_yaml(tmp_path / "p.yaml", job))]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "pipeline.steps[0] (ae): unknown component 'vae'" in err
+    assert "kind autoencoder needs a model with a vae" in err
+    assert "pipeline.steps[1] (diffusion): unknown component 'unet'" in err
+
+    bad = pipeline_job(tmp_path)
+    bad["pipeline"]["steps"][2].pop("network")
+    bad["pipeline"]["steps"][1]["max_steps"] = 3
+    bad["pipeline"]["steps"][0]["optimizers"]["denoiser"] = {"lr": 1}
+    assert main(["validate", str(write_yaml(tmp_path / "b.yaml", bad))]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    assert "pipeline.steps[0]" in err and "optimizers for components this step does not train" in err
+    assert "pipeline.steps[1]" in err and "exactly one of max_steps or n_epochs" in err
+    assert "pipeline.steps[2]" in err and "`lora` trainable component and a `network` section" in err
+
+
+def test_three_step_pipeline_writes_each_stage_and_a_summary(tmp_path: Path) -> None:
+    cfg = write_yaml(tmp_path / "p.yaml", pipeline_job(tmp_path))
+    assert main(["train", str(cfg)]) == 0
+    run = tmp_path / "output" / "p"
+    summary = json.loads((run / "pipeline_summary.json").read_text())
+    assert [summary[s]["steps"] for s in ("ae", "diffusion", "concept")] == [3, 6, 3]
+    assert "final_d_loss" in summary["ae"] and "final_loss" in summary["diffusion"]
+    for stage in ("0-ae", "1-diffusion", "2-concept"):
+        assert (run / "stages" / stage / "model" / "eri_family.json").is_file()
+    assert (run / "stages" / "2-concept" / "concept.safetensors").is_file()
+    # the autoencoder step calibrated the latent scale; later steps kept the vae frozen
+    vae_cfg = json.loads((run / "stages" / "0-ae" / "model" / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] != 1.0
+    ae_vae = _weights(run / "stages" / "0-ae" / "model" / "vae")
+    final_vae = _weights(run / "model" / "vae")
+    assert all(torch.equal(ae_vae[k], final_vae[k]) for k in ae_vae)
+    stages = [json.loads(x).get("stage") for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert stages[:3] == ["ae"] * 3 and stages[-1] == "concept"
+
+
+def test_loss_threshold_ends_a_step_early(tmp_path: Path) -> None:
+    job = pipeline_job(
+        tmp_path,
+        steps=[
+            {
+                "name": "d",
+                "trainable": ["denoiser"],
+                "max_steps": 50,
+                "transition": {"type": "loss_threshold", "threshold": 10.0, "patience": 2, "min_steps": 3},
+            },
+        ],
+    )
+    job["model"]["options"] = dict(TINY_OPTIONS)
+    assert main(["train", str(write_yaml(tmp_path / "p.yaml", job))]) == 0
+    summary = json.loads((tmp_path / "output" / "p" / "pipeline_summary.json").read_text())
+    assert summary["d"]["steps"] == 4  # below 10 from the start; counted from step 3, twice -> ends at 4
+
+
+def test_kill_mid_stage_then_resume_equals_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    whole = write_yaml(tmp_path / "w.yaml", pipeline_job(tmp_path, name="whole"))
+    assert main(["train", str(whole)]) == 0
+
+    crash = write_yaml(tmp_path / "c.yaml", pipeline_job(tmp_path, name="crash"))
+
+    def die(state: loop.TrainState) -> None:
+        if state.step == 7:  # inside the diffusion step (3 ae + 4 of 6); last checkpoint at step 6
+            raise KeyboardInterrupt
+
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg: real_train(cfg, on_step=die))
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", str(crash)])
+    state = json.loads(
+        (tmp_path / "output" / "crash" / "checkpoints" / "step_000006" / "state.json").read_text()
+    )
+    assert (state["stage"], state["stage_name"], state["stage_step"]) == (1, "diffusion", 3)
+    monkeypatch.setattr(loop, "train", real_train)
+    assert main(["train", str(crash)]) == 0
+
+    a, b = _model_weights(tmp_path / "output" / "whole"), _model_weights(tmp_path / "output" / "crash")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lora_a = load_file(tmp_path / "output" / "whole" / "stages" / "2-concept" / "concept.safetensors")
+    lora_b = load_file(tmp_path / "output" / "crash" / "stages" / "2-concept" / "concept.safetensors")
+    assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+
+    changed = pipeline_job(tmp_path, name="crash")
+    changed["pipeline"]["steps"][1]["n_epochs"] = 2
+    assert main(["train", str(write_yaml(tmp_path / "c2.yaml", changed))]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "pipeline config changed" in err and "steps[1].n_epochs" in err

@@ -1,0 +1,81 @@
+"""Autoencoder objective pieces: discriminator, hinge loss, latent scale calibration, tiny AE option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from eridiffusion.models import build_family
+from eridiffusion.training.autoencoder import (
+    AutoencoderLossConfig,
+    PatchDiscriminator,
+    discriminator_loss,
+    generator_loss,
+    latent_scaling_factor,
+)
+from tests.conftest import TINY_OPTIONS
+
+
+def _vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        latent_channels=4,
+    )
+
+
+def test_patch_discriminator_gives_one_logit_per_patch() -> None:
+    disc = PatchDiscriminator(channels=8, layers=2)
+    assert disc(torch.zeros(3, 3, 32, 32)).shape == (3, 1, 8, 8)
+
+
+def test_hinge_loss_values() -> None:
+    class Const(PatchDiscriminator):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(1, 2, 3), keepdim=True)
+
+    disc = Const(channels=8)
+    real, fake = torch.full((2, 3, 4, 4), 2.0), torch.full((2, 3, 4, 4), -0.5)
+    loss, metrics = discriminator_loss(disc, real, fake)
+    # real logit 2 -> relu(1-2)=0 ; fake logit -0.5 -> relu(1-0.5)=0.5 ; mean of the two halves
+    assert loss.item() == pytest.approx(0.25)
+    assert metrics["d_real"] == pytest.approx(2.0) and metrics["d_fake"] == pytest.approx(-0.5)
+
+
+def test_generator_loss_adds_adversarial_term_only_after_disc_start() -> None:
+    vae, disc = _vae(), PatchDiscriminator(channels=8)
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    cfg = AutoencoderLossConfig(kl_weight=1e-6, disc_weight=0.5, disc_start=3)
+    before, recon, m0 = generator_loss(vae, pixels, disc, 2, cfg, torch.Generator().manual_seed(0))
+    assert "g_adv" not in m0 and recon.shape == pixels.shape and not recon.requires_grad
+    after, _, m1 = generator_loss(vae, pixels, disc, 3, cfg, torch.Generator().manual_seed(0))
+    assert after.item() == pytest.approx(before.item() + 0.5 * m1["g_adv"], rel=1e-5)
+    assert m0["rec_loss"] == pytest.approx(m1["rec_loss"])
+
+
+def test_latent_scaling_factor_whitens_latents() -> None:
+    vae = _vae()
+    pixels = torch.rand(4, 3, 16, 16) * 2 - 1
+    scale = latent_scaling_factor(vae, pixels)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean * scale
+    assert latents.std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_tiny_autoencoder_option_encodes_to_latents_and_back() -> None:
+    fam = build_family("tiny", {**TINY_OPTIONS, "latent": "autoencoder", "vae_channels": [16, 32]}, seed=0)
+    assert set(fam.modules()) == {"denoiser", "text_encoder", "vae"}
+    assert fam.latent_shape(16, 16) == (4, 8, 8) and fam.size_multiple() == 4
+    with torch.no_grad():
+        z = fam.encode_images(torch.zeros(1, 3, 16, 16))
+        assert fam.decode_latents(z).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="multiple of 8"):  # 2^(3 vae levels - 1) x 2^(2 UNet levels - 1)
+        build_family(
+            "tiny",
+            {**TINY_OPTIONS, "resolution": 20, "latent": "autoencoder", "vae_channels": [16, 16, 32]},
+            seed=0,
+        )
