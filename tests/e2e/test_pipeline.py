@@ -89,6 +89,10 @@ def test_validate_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixt
     bad["pipeline"]["steps"][2].pop("network")
     bad["pipeline"]["steps"][1]["max_steps"] = 3
     bad["pipeline"]["steps"][0]["optimizers"]["denoiser"] = {"lr": 1}
+    cached = pipeline_job(tmp_path)
+    cached["datasets"][0]["cache_latents_to_disk"] = True
+    assert main(["validate", str(write_yaml(tmp_path / "c.yaml", cached))]) == EXIT_USER_ERROR
+    assert "caches are not available in pipelines yet" in capsys.readouterr().err
     assert main(["validate", str(write_yaml(tmp_path / "b.yaml", bad))]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "3 problem(s)" in err

@@ -62,6 +62,9 @@ def test_shard_order_is_local_deterministic_and_resumable(tmp_path: Path, monkey
     for k in reversed(range(3 * data.batches_per_epoch)):
         a, b = data.batch(k), again.batch(k)
         assert a.captions == b.captions and torch.equal(a.pixels, b.pixels)
+    inline = list(data.iterate(4, 12, num_workers=0))
+    parallel = list(again.iterate(4, 12, num_workers=2))  # each worker opens its own shard handles
+    assert all(torch.equal(x.pixels, y.pixels) for x, y in zip(inline, parallel, strict=True))
 
 
 def test_shards_mix_with_folders_and_buckets(tmp_path: Path) -> None:

@@ -222,6 +222,12 @@ def test_metadata_jsonl_captions(tmp_path: Path, caplog) -> None:
     assert "gone.png" in caplog.text and "metadata.jsonl" in caplog.text
     assert len(scan.missing_captions) == 2  # metadata wins over .txt files: unlisted images are uncaptioned
 
+    (folder / "photo.heic").write_bytes(b"not decodable here")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        scan_folder(folder)
+    assert "ignoring 1 file(s)" in caplog.text and "photo.heic" in caplog.text  # reported, not silently lost
+
     (folder / "metadata.jsonl").write_text('{"file_name": "img00.jpg", "text": "ok"}\n{"file_name": oops}\n')
     with pytest.raises(DatasetError, match=r"metadata.jsonl:2: not valid JSON"):
         scan_folder(folder)

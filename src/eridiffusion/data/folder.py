@@ -24,6 +24,8 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+UNSUPPORTED_IMAGE_EXTENSIONS = {".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".psd", ".svg"}
+"""Formats found in photo folders that we do not train on; reported so they are not lost silently."""
 METADATA_FILE = "metadata.jsonl"
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
@@ -120,7 +122,18 @@ def scan_folder(folder: Path, caption_ext: str = "txt") -> FolderScan:
     if not folder.is_dir():
         raise DatasetError(f"dataset path '{folder}' is a file, not a folder of images with captions")
     metadata = read_metadata(folder)
-    found = {p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    files = [p for p in folder.iterdir() if p.is_file()]
+    found = {p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
+    unsupported = sorted(p.name for p in files if p.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS)
+    if unsupported:
+        shown = ", ".join(unsupported[:3]) + (" ..." if len(unsupported) > 3 else "")
+        logger.warning(
+            "ignoring %d file(s) in %s in unsupported formats (%s); convert them to %s",
+            len(unsupported),
+            folder,
+            shown,
+            "/".join(sorted(IMAGE_EXTENSIONS)),
+        )
     listed_missing: list[Path] = []
     for name in metadata or {}:
         path = folder / name

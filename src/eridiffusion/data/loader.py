@@ -188,9 +188,15 @@ class TrainingData:
         self._warned: set[int] = set()
         self.constant_epochs = all(abs(r - round(r)) < 1e-9 for r in self.repeats)
         self._epoch_starts = [0]
-        self.batches_per_epoch = self._count_batches(self._selection(0))
+        first = self._selection(0)
+        self.batches_per_epoch = self._count_batches(first)
         """Batches in epoch 0; every epoch has as many unless a fractional weight varies bucket counts."""
-        self.samples_per_epoch = sum(len(pairs) for pairs in self._selection(0))
+        self.samples_per_epoch = sum(len(pairs) for pairs in first)
+        for i, pairs in enumerate(first):
+            if not pairs:
+                logger.warning(
+                    "datasets[%d]: num_repeats x weight gives no image per epoch; it never trains", i
+                )
         if self.batches_per_epoch == 0:
             raise DatasetError(
                 "the datasets give no images per epoch; raise datasets[].weight or num_repeats"

@@ -160,10 +160,11 @@ def plan_stages(cfg: JobConfig, family: ModelFamily) -> tuple[list[StagePlan], l
             )
         if stage.kind == "autoencoder" and set(stage.trainable) - {"vae", "discriminator"}:
             problems.append(f"{where}: an autoencoder step trains only vae and discriminator")
-        if stage.kind == "autoencoder" and any(
-            d.cache_latents_to_disk for d in stage.datasets or cfg.datasets
-        ):
-            problems.append(f"{where}: an autoencoder step needs pixels; turn off cache_latents_to_disk")
+        if any(d.cache_latents_to_disk or d.cache_text_embeddings for d in stage.datasets or cfg.datasets):
+            problems.append(
+                f"{where}: latent/text caches are not available in pipelines yet; turn off "
+                "cache_latents_to_disk and cache_text_embeddings"
+            )
         if "discriminator" in stage.trainable and not stage.autoencoder.discriminator:
             problems.append(f"{where}: trainable discriminator needs autoencoder.discriminator: true")
         images, data_problems = estimate_images(stage.datasets or cfg.datasets, f"{where}.datasets")
