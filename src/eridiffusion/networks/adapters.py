@@ -27,6 +27,7 @@ from torch import nn
 
 from eridiffusion.config.schema import NetworkConfig
 from eridiffusion.models.protocol import ModelFamily
+from eridiffusion.networks.formats import is_adaptable
 
 ADAPTER = "default"
 
@@ -112,7 +113,7 @@ def inject(family: ModelFamily, cfg: NetworkConfig, train_text_encoder: bool) ->
     text encoders; everything else stays frozen. Returns what was adapted per component."""
     chosen: dict[str, TargetSelection] = {}
     for component, module in family.modules().items():
-        if component != "denoiser" and not (train_text_encoder and component.startswith("text_encoder")):
+        if not is_adaptable(component) or (component != "denoiser" and not train_text_encoder):
             continue
         targets = select_targets(module, cfg)
         if not targets.linear and not targets.conv:

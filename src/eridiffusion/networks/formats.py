@@ -88,10 +88,17 @@ class AdapterFile:
 _ADAPTER_PARTS = ("lora_", "hada_", "lokr_")
 
 
+def is_adaptable(component: str) -> bool:
+    """Adapters live in the denoiser and the text encoders (never in VAEs), as in every LoRA format."""
+    return component == "denoiser" or component.startswith("text_encoder")
+
+
 def _layers(family: ModelFamily) -> dict[tuple[str, str], nn.Module]:
     """Every Linear/Conv2d by (component, path); peft's wrappers and adapter sub-layers are looked through."""
     found = {}
     for component, module in family.modules().items():
+        if not is_adaptable(component):
+            continue
         for path, layer in module.named_modules():
             if not isinstance(layer, nn.Linear | nn.Conv2d):
                 continue

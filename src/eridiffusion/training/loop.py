@@ -334,7 +334,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
             state.last_loss = total
 
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", refresh=False)
             if state.step % cfg.logging.log_every == 0 or state.step == t.steps:
                 rate = (state.step - started_step) / max(1e-9, time.perf_counter() - started)
                 log.log(
