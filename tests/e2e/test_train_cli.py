@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -233,3 +234,20 @@ def test_continue_training_from_a_saved_model_folder(tmp_path: Path, capsys: pyt
     job["model"] = {"name_or_path": str(tmp_path / "junk")}
     assert main(["train", str(write_yaml(tmp_path / "c.yaml", job))]) == EXIT_USER_ERROR
     assert "cannot tell which model family" in capsys.readouterr().err
+
+
+def test_adamw8bit_trains_and_resumes(tmp_path: Path) -> None:
+    """bitsandbytes' 8-bit AdamW (CPU kernels too): its state is checkpointed and the run resumes."""
+    pytest.importorskip("bitsandbytes")
+    cfg = write_yaml(tmp_path / "job.yaml", tiny_job(tmp_path))
+    assert main(["train", str(cfg), "train.optimizer.type=adamw8bit", "train.steps=3", "save.every=2"]) == 0
+    opt = torch.load(
+        tmp_path / "output" / "t" / "checkpoints" / "step_000003" / "optimizer.pt", weights_only=True
+    )
+    # bitsandbytes' own state layout was checkpointed (it keeps large tensors in 8 bits while training)
+    assert any("__bnb_optimizer_quant_state__" in state for state in opt["state"].values())
+    assert main(["train", str(cfg), "train.optimizer.type=adamw8bit", "train.steps=5", "save.every=2"]) == 0
+    losses = [
+        json.loads(x)["loss"] for x in (tmp_path / "output" / "t" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(losses) == 5 and all(np.isfinite(losses))
