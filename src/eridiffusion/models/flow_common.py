@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from diffusers.models.modeling_utils import ModelMixin
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
@@ -50,6 +50,7 @@ from transformers import (
 
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.objectives import FlowMatchObjective
+from eridiffusion.models.options import parse_model_options
 from eridiffusion.models.protocol import Conditioning, underscored_lora_names
 from eridiffusion.models.stable_diffusion import (
     LDM_UNET_PREFIX,
@@ -105,19 +106,7 @@ Opts = TypeVar("Opts", bound=FlowOptions)
 
 def parse_flow_options(cls: type[Opts], options: dict[str, Any], where: str = "model.options") -> Opts:
     """Validate ``model.options``; errors name the YAML path like the main config loader does."""
-    try:
-        return cls.model_validate(options)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            msg = (
-                "unknown key; allowed keys here: " + ", ".join(sorted(cls.model_fields))
-                if e["type"] == "extra_forbidden"
-                else e["msg"]
-            )
-            lines.append(f"  {where}.{loc}: {msg}" if loc else f"  {where}: {msg}")
-        raise ValueError("invalid model options:\n" + "\n".join(lines)) from None
+    return parse_model_options(cls, options, where)
 
 
 # --- text encoders ----------------------------------------------------------------------------------------

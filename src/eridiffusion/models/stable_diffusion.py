@@ -39,7 +39,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -47,6 +47,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.objectives import BETA_SCHEDULES, DDPMObjective
+from eridiffusion.models.options import parse_model_options
 from eridiffusion.models.protocol import Conditioning, underscored_lora_names
 from eridiffusion.models.tokenizer import build_tokenizer
 
@@ -89,19 +90,7 @@ class SDOptions(BaseModel):
 
 def parse_sd_options(options: dict[str, Any], where: str = "model.options") -> SDOptions:
     """Validate ``model.options``; errors name the YAML path like the main config loader does."""
-    try:
-        return SDOptions.model_validate(options)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            msg = (
-                "unknown key; allowed keys here: " + ", ".join(sorted(SDOptions.model_fields))
-                if e["type"] == "extra_forbidden"
-                else e["msg"]
-            )
-            lines.append(f"  {where}.{loc}: {msg}" if loc else f"  {where}: {msg}")
-        raise ValueError("invalid model options:\n" + "\n".join(lines)) from None
+    return parse_model_options(SDOptions, options, where)
 
 
 def objective_from_scheduler(config: dict[str, Any], prediction_type: str | None) -> DDPMObjective:

@@ -16,11 +16,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from eridiffusion.models.objectives import DDPMObjective
+from eridiffusion.models.options import parse_model_options
 from eridiffusion.models.protocol import Conditioning, underscored_lora_names
 from eridiffusion.models.tokenizer import build_tokenizer
 
@@ -94,20 +95,7 @@ class TinyOptions(BaseModel):
 
 def parse_options(options: dict[str, Any], where: str = "model.options") -> TinyOptions:
     """Validate ``model.options``; errors name the YAML path like the main config loader does."""
-    try:
-        return TinyOptions.model_validate(options)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            path = f"{where}.{loc}" if loc else where
-            msg = (
-                "unknown key; allowed keys here: " + ", ".join(sorted(TinyOptions.model_fields))
-                if e["type"] == "extra_forbidden"
-                else e["msg"]
-            )
-            lines.append(f"  {path}: {msg}")
-        raise ValueError("invalid tiny model options:\n" + "\n".join(lines)) from None
+    return parse_model_options(TinyOptions, options, where)
 
 
 class TinyFamily:
