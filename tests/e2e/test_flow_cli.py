@@ -12,7 +12,7 @@ from PIL import Image
 
 from eridiffusion.cli import EXIT_USER_ERROR, main
 from eridiffusion.config import load_config
-from eridiffusion.models import load_family
+from eridiffusion.models import build_family, load_family
 from eridiffusion.training.loop import load_or_build
 from tests.conftest import tiny_job, write_yaml
 
@@ -74,13 +74,20 @@ def test_train_then_generate(
     assert "sampler 'euler' (Euler) is for epsilon/v-prediction models" in capsys.readouterr().err
 
 
-def test_lora_on_flux_dev(tmp_path: Path) -> None:
-    job = flow_job(tmp_path, "flux")
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_lora_train_then_generate_with_it(arch: str, tmp_path: Path) -> None:
+    job = flow_job(tmp_path, arch)
     job["network"] = {"type": "lora", "linear": 4, "linear_alpha": 4}
     job["train"]["train_text_encoder"] = False
     assert main(["train", str(write_yaml(tmp_path / "job.yaml", job))]) == 0
-    adapter = tmp_path / "output" / "flux" / "flux.safetensors"
+    adapter = tmp_path / "output" / arch / f"{arch}.safetensors"
     assert adapter.is_file()
+    base = tmp_path / "base"
+    build_family(arch, {"preset": "tiny"}, seed=job["train"].get("seed", 42)).save_pretrained(base)
+    out = tmp_path / "g"
+    args = ["generate", "--model", str(base), "--prompt", "a red circle", "--steps", "2", "--out", str(out)]
+    assert main([*args, "--lora", f"{adapter}:0.8"]) == 0
+    assert (out / "0000-0.png").is_file()
 
 
 def test_flow_settings_mistakes_stop_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
