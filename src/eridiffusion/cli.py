@@ -184,9 +184,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from eridiffusion.networks import apply_adapter_files, parse_adapter_arg
     from eridiffusion.training.checkpoint import atomic_write_dir
 
+    from eridiffusion.models.protocol import SingleFileExport
+
     family = load_family(args.model)
     apply_adapter_files(family, [parse_adapter_arg(x) for x in args.lora])
-    out = atomic_write_dir(Path(args.out), family.save_pretrained)
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        if not isinstance(family, SingleFileExport):
+            raise ValueError(f"the {family.arch} family has no single-file layout; give --out a folder")
+        tmp = out.with_name(f".tmp-{out.name}")
+        family.save_single_file(tmp)
+        tmp.replace(out)
+    else:
+        atomic_write_dir(out, family.save_pretrained)
     print(f"wrote merged model to {out}")
     return 0
 
@@ -275,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="bake adapter files into a base model and write a full model")
     p.add_argument("--model", required=True, help="base model folder or file")
     p.add_argument("--lora", action="append", required=True, help="adapter file[:weight]; repeat to stack")
-    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument(
+        "--out", required=True, help="output folder, or a .safetensors file in the original single-file layout"
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("bench", help="time training steps of a family/preset (random weights), JSON out")

@@ -140,3 +140,31 @@ def test_lora_file_loads_in_diffusers_pipelines(arch: str, tmp_path: Path) -> No
         }
         assert any(not torch.equal(mine[k], before[k]) for k in mine), f"{name}: the LoRA changed nothing"
         assert all(torch.equal(theirs[k], mine[k]) for k in mine), f"{name}: diffusers fused other weights"
+
+
+def test_merge_writes_an_original_layout_single_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """eri merge --out x.safetensors: the LoRA baked into an A1111/ComfyUI-style checkpoint, loadable."""
+    from eridiffusion.config.schema import NetworkConfig
+    from eridiffusion.models import build_family, load_family
+    from eridiffusion.networks import attach_network, export_network
+
+    base = tmp_path / "base"
+    build_family("sd15", {"preset": "tiny"}, seed=0).save_pretrained(base)
+    trained = load_family(base)
+    cfg = NetworkConfig(linear=4, linear_alpha=4)
+    params = attach_network(trained, cfg, train_text_encoder=True, seed=3)
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_(0, 0.05)
+    lora = export_network(trained, cfg, tmp_path / "l.safetensors", "kohya", "fp32", {})
+    single = tmp_path / "merged.safetensors"
+    assert main(["merge", "--model", str(base), "--lora", str(lora), "--out", str(single)]) == 0
+    assert main(["merge", "--model", str(base), "--lora", str(lora), "--out", str(tmp_path / "merged")]) == 0
+    from_file, from_folder = load_family(single), load_family(tmp_path / "merged")
+    assert from_file.arch == "sd15"
+    for name, module in from_folder.modules().items():
+        if name == "vae":
+            continue
+        a, b = module.state_dict(), from_file.modules()[name].state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    capsys.readouterr()

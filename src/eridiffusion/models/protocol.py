@@ -128,6 +128,14 @@ class GuidanceEmbedding(Protocol):
         ...
 
 
+@runtime_checkable
+class SingleFileExport(Protocol):
+    """Optional capability: write the model as one ``.safetensors`` in its original (non-diffusers) layout,
+    the file A1111/Forge/ComfyUI load as a checkpoint (``eri merge --out model.safetensors``)."""
+
+    def save_single_file(self, path: Path) -> None: ...
+
+
 def underscored_lora_names(kohya_prefix: str, diffusers_prefix: str, module_path: str) -> tuple[str, str]:
     """kohya's convention for models whose module names it shares (SD1.5 UNet, CLIP): dots -> underscores."""
     return f"{kohya_prefix}_{module_path.replace('.', '_')}", f"{diffusers_prefix}.{module_path}"
