@@ -181,10 +181,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from eridiffusion.models import load_family
+    from eridiffusion.models.protocol import SingleFileExport
     from eridiffusion.networks import apply_adapter_files, parse_adapter_arg
     from eridiffusion.training.checkpoint import atomic_write_dir
-
-    from eridiffusion.models.protocol import SingleFileExport
 
     family = load_family(args.model)
     apply_adapter_files(family, [parse_adapter_arg(x) for x in args.lora])
@@ -285,9 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="bake adapter files into a base model and write a full model")
     p.add_argument("--model", required=True, help="base model folder or file")
     p.add_argument("--lora", action="append", required=True, help="adapter file[:weight]; repeat to stack")
-    p.add_argument(
-        "--out", required=True, help="output folder, or a .safetensors file in the original single-file layout"
-    )
+    p.add_argument("--out", required=True, help="output folder, or a .safetensors file (original layout)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("bench", help="time training steps of a family/preset (random weights), JSON out")
