@@ -56,14 +56,14 @@ from eridiffusion.models.stable_diffusion import (
     LDM_UNET_PREFIX,
     LDM_VAE_PREFIX,
     STORAGE_DTYPES,
-    _instantiate,
-    _load_vae,
-    _match_text_keys,
-    _vae_from_state,
-    _weights_variant,
+    instantiate,
     load_preset,
+    load_vae,
+    match_text_keys,
     preset_names,
     safetensors_keys,
+    vae_from_state,
+    weights_variant,
 )
 from eridiffusion.models.tiny import FAMILY_FILE
 from eridiffusion.models.tokenizer import build_t5_tokenizer, build_tokenizer
@@ -223,7 +223,7 @@ def text_keys(slot: EncoderSlot, state: dict[str, torch.Tensor], model: TextMode
     flat = {k.removeprefix(slot.original_prefix): v for k, v in state.items()}
     if slot.kind == "t5":
         return t5_keys(flat)
-    out = _match_text_keys(flat, model)
+    out = match_text_keys(flat, model)
     if isinstance(model, CLIPTextModelWithProjection) and "text_projection.weight" not in out:
         # SD3's CLIP-L pooled output is used unprojected: its single files carry no projection (diffusers
         # inserts the identity for the same reason)
@@ -481,7 +481,7 @@ class FlowTransformerFamily:
                 "(pickled .ckpt files are not loaded; convert them to .safetensors first)"
             )
         if cfg.vae_path:
-            parts.vae = _load_vae(cls.arch, Path(cfg.vae_path), dtype)
+            parts.vae = load_vae(cls.arch, Path(cfg.vae_path), dtype)
         # a folder we wrote carries its options (preset included, as a record); the YAML's override them
         explicit = opts.model_dump(exclude_unset=True)
         opts = cls.options_class.model_validate({**parts.saved_options, **explicit})
@@ -521,12 +521,12 @@ class FlowTransformerFamily:
             )
         folder = _component_folder(path, "transformer")
         transformer = cls.transformer_class.from_pretrained(
-            folder, torch_dtype=dtype, variant=_weights_variant(folder)
+            folder, torch_dtype=dtype, variant=weights_variant(folder)
         )
         vae = None
         if not skip_vae:
             folder = _component_folder(path, "vae")
-            vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, variant=_weights_variant(folder))
+            vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, variant=weights_variant(folder))
         parts = _Parts(transformer, vae)
         for slot in cls.slots:
             if slot.module in skip_text:
@@ -537,7 +537,7 @@ class FlowTransformerFamily:
                     f"diffusers folder '{path}' has no {slot.module}/config.json; set model.{slot.override}"
                 )
             parts.encoders[slot.module] = _cast(
-                slot.model_class.from_pretrained(folder, dtype=dtype, variant=_weights_variant(folder)), dtype
+                slot.model_class.from_pretrained(folder, dtype=dtype, variant=weights_variant(folder)), dtype
             )
             if _tokenizer_files(path / slot.tokenizer, slot.kind):
                 parts.tokenizers[slot.tokenizer] = load_tokenizer(path / slot.tokenizer, slot)
@@ -576,7 +576,7 @@ class FlowTransformerFamily:
                 f"'{path}': its {cls.arch} transformer matches none of the shipped presets "
                 f"({', '.join(presets)}); load its diffusers folder instead (model.name_or_path)"
             )
-        transformer = _instantiate(
+        transformer = instantiate(
             "transformer",
             path,
             cls.arch,
@@ -592,7 +592,7 @@ class FlowTransformerFamily:
                     f"'{path}' has no VAE weights ({LDM_VAE_PREFIX}*); set model.vae_path to the VAE "
                     "(a diffusers folder or a .safetensors file such as the release's ae.safetensors)"
                 )
-            vae = _vae_from_state(cls.arch, path, strip_prefix(state, prefix))
+            vae = vae_from_state(cls.arch, path, strip_prefix(state, prefix))
         preset = cls._matching_preset(transformer)
         parts = _Parts(
             _cast(transformer, dtype), _cast(vae, dtype) if vae is not None else None, preset=preset
@@ -793,7 +793,7 @@ def _instantiate_text(
     width = _embedding_width(slot, state)
     configs = {n: p[slot.module] for n, p in presets.items()}
     fitting = {n: c for n, c in configs.items() if c.get("hidden_size", c.get("d_model")) == width}
-    model = _instantiate(
+    model = instantiate(
         slot.module,
         source,
         arch,
@@ -827,7 +827,7 @@ def load_encoder_override(
                 f"model.{slot.override}: '{path}' has no config.json (nor {slot.module}/)"
             )
         model = _cast(
-            slot.model_class.from_pretrained(folder, dtype=dtype, variant=_weights_variant(folder)), dtype
+            slot.model_class.from_pretrained(folder, dtype=dtype, variant=weights_variant(folder)), dtype
         )
         for tok_dir in (path / slot.tokenizer, folder, path):
             if _tokenizer_files(tok_dir, slot.kind):

@@ -149,10 +149,10 @@ def _clip_from_ldm(
         out = convert_open_clip_checkpoint(model, state, prefix=slot.ldm_prefix)
     else:
         out = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(slot.ldm_prefix)})
-    return _match_text_keys(out, model)
+    return match_text_keys(out, model)
 
 
-def _match_text_keys(state: dict[str, torch.Tensor], model: TextModel) -> dict[str, torch.Tensor]:
+def match_text_keys(state: dict[str, torch.Tensor], model: TextModel) -> dict[str, torch.Tensor]:
     """``text_model.``-prefixed or flat CLIP keys -> what ``model`` expects; drops the ``position_ids``
     buffer old checkpoints carry (it is not a weight)."""
     wrapped = hasattr(model, "text_model")
@@ -231,7 +231,7 @@ class StableDiffusionFamily:
                 f"model.name_or_path: '{path}' is neither a diffusers folder nor a .safetensors file "
                 "(pickled .ckpt files are not loaded; convert them to .safetensors first)"
             )
-        vae = _load_vae(cls.arch, Path(cfg.vae_path), dtype) if cfg.vae_path else parts.vae
+        vae = load_vae(cls.arch, Path(cfg.vae_path), dtype) if cfg.vae_path else parts.vae
         if vae is None:
             raise ValueError(f"'{path}' holds no VAE; set model.vae_path")
         for slot in cls.text_slots:
@@ -430,7 +430,7 @@ def safetensors_keys(path: Path) -> list[str]:
         raise ValueError(f"'{path}' is not a readable .safetensors file: {exc}") from None
 
 
-def _weights_variant(folder: Path) -> str | None:
+def weights_variant(folder: Path) -> str | None:
     """``fp16`` when a component folder only ships ``*.fp16.safetensors`` weights (common in downloads)."""
     names = [p.name for p in folder.iterdir() if ".safetensors" in p.name or p.name.endswith(".bin")]
     if any(".fp16." not in n for n in names):
@@ -457,12 +457,12 @@ def _from_folder(
     index = json.loads(index_file.read_text(encoding="utf-8"))
     unet_dir = _component_folder(path, "unet")
     unet = UNet2DConditionModel.from_pretrained(
-        unet_dir, torch_dtype=dtype, variant=_weights_variant(unet_dir)
+        unet_dir, torch_dtype=dtype, variant=weights_variant(unet_dir)
     )
     vae = None
     if not skip_vae:
         vae_dir = _component_folder(path, "vae")
-        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=dtype, variant=_weights_variant(vae_dir))
+        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=dtype, variant=weights_variant(vae_dir))
     encoders: dict[str, TextModel] = {}
     tokenizers: dict[str, CLIPTokenizer] = {}
     for slot in cls.text_slots:
@@ -470,7 +470,7 @@ def _from_folder(
             continue
         te_dir = _component_folder(path, slot.module)
         encoders[slot.module] = slot.model_class.from_pretrained(
-            te_dir, dtype=dtype, variant=_weights_variant(te_dir)
+            te_dir, dtype=dtype, variant=weights_variant(te_dir)
         )
         tokenizers[slot.tokenizer] = CLIPTokenizer.from_pretrained(path / slot.tokenizer)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
@@ -483,7 +483,7 @@ def _from_folder(
     return _Parts(unet, vae, encoders, tokenizers, scheduler, None, pipeline)
 
 
-def _instantiate(
+def instantiate(
     what: str,
     source: Path,
     arch: str,
@@ -527,7 +527,7 @@ def _presets(arch: str) -> dict[str, dict[str, Any]]:
 
 
 def _unet_from_ldm(arch: str, source: Path, state: dict[str, torch.Tensor]) -> UNet2DConditionModel:
-    return _instantiate(
+    return instantiate(
         "UNet",
         source,
         arch,
@@ -537,10 +537,10 @@ def _unet_from_ldm(arch: str, source: Path, state: dict[str, torch.Tensor]) -> U
     )
 
 
-def _vae_from_state(arch: str, source: Path, state: dict[str, torch.Tensor]) -> AutoencoderKL:
+def vae_from_state(arch: str, source: Path, state: dict[str, torch.Tensor]) -> AutoencoderKL:
     """An LDM-layout VAE (with or without ``first_stage_model.``) or a diffusers-layout one."""
     diffusers_layout = any(k.startswith("encoder.down_blocks.") for k in state)
-    return _instantiate(
+    return instantiate(
         "VAE",
         source,
         arch,
@@ -565,9 +565,7 @@ def _from_single_file(
     if not skip_vae:
         if not any(k.startswith(LDM_VAE_PREFIX) for k in keys):
             raise ValueError(f"'{path}' has no VAE weights ({LDM_VAE_PREFIX}*); set model.vae_path")
-        vae = _vae_from_state(
-            cls.arch, path, {k: v for k, v in state.items() if k.startswith(LDM_VAE_PREFIX)}
-        )
+        vae = vae_from_state(cls.arch, path, {k: v for k, v in state.items() if k.startswith(LDM_VAE_PREFIX)})
     encoders: dict[str, TextModel] = {}
     tokenizers: dict[str, CLIPTokenizer] = {}
     presets = _presets(cls.arch)
@@ -578,7 +576,7 @@ def _from_single_file(
             raise ValueError(
                 f"'{path}' has no {slot.module} weights ({slot.ldm_prefix}*); set model.{slot.override}"
             )
-        encoders[slot.module] = _instantiate(
+        encoders[slot.module] = instantiate(
             slot.module,
             path,
             cls.arch,
@@ -616,7 +614,7 @@ def _fallback_tokenizer(source: Path, slot: TextSlot, encoder: TextModel) -> CLI
     return local_tokenizer(encoder)
 
 
-def _load_vae(arch: str, path: Path, dtype: torch.dtype) -> AutoencoderKL:
+def load_vae(arch: str, path: Path, dtype: torch.dtype) -> AutoencoderKL:
     """``model.vae_path``: a diffusers folder (``vae/`` inside or the VAE folder itself) or a single file."""
     if not path.exists():
         raise FileNotFoundError(f"model.vae_path: '{path}' does not exist")
@@ -624,11 +622,11 @@ def _load_vae(arch: str, path: Path, dtype: torch.dtype) -> AutoencoderKL:
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"model.vae_path: '{path}' has no config.json (nor vae/config.json)")
-        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, variant=_weights_variant(folder))
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, variant=weights_variant(folder))
     state = load_file(str(path))
     if any(k.startswith(LDM_UNET_PREFIX) for k in state):
         state = {k: v for k, v in state.items() if k.startswith(LDM_VAE_PREFIX)}
-    vae = _vae_from_state(arch, path, state)
+    vae = vae_from_state(arch, path, state)
     return vae if vae.dtype == dtype else vae.to(dtype)
 
 
@@ -647,7 +645,7 @@ def _load_text_override(
             raise FileNotFoundError(
                 f"model.{slot.override}: '{path}' has no config.json (nor {slot.module}/)"
             )
-        model = slot.model_class.from_pretrained(folder, dtype=dtype, variant=_weights_variant(folder))
+        model = slot.model_class.from_pretrained(folder, dtype=dtype, variant=weights_variant(folder))
         for tok_dir in (path / slot.tokenizer, path / "tokenizer", folder):
             if any((tok_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
                 return model, CLIPTokenizer.from_pretrained(tok_dir)
@@ -657,9 +655,9 @@ def _load_text_override(
     original_layout = any(k.startswith(slot.ldm_prefix) for k in state)
 
     def convert(_config: dict[str, Any], model: TextModel) -> dict[str, torch.Tensor]:
-        return _clip_from_ldm(slot, state, model) if original_layout else _match_text_keys(state, model)
+        return _clip_from_ldm(slot, state, model) if original_layout else match_text_keys(state, model)
 
-    model = _instantiate(
+    model = instantiate(
         slot.module, path, arch, lambda config: build_text_model(slot, config), presets, convert
     )
     model = model if model.dtype == dtype else model.to(dtype)
