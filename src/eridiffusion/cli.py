@@ -1,4 +1,5 @@
-"""``eri`` command line: train | validate | generate | eval | convert | merge | bench | data | quickstart.
+"""``eri`` command line: train | validate | generate | serve | eval | convert | merge | bench | data |
+quickstart.
 
 Each sub-command parses its own arguments into plain values and calls one library function; nothing
 downstream sees argparse objects.
@@ -60,41 +61,71 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from PIL import Image
 
-    from eridiffusion.inference.generate import GenerateRequest, a1111_parameters, png_info, sample, to_pil
-    from eridiffusion.inference.samplers import default_sampler
-    from eridiffusion.models import load_family
-    from eridiffusion.networks import apply_adapter_files, parse_adapter_arg
-    from eridiffusion.training.loop import resolve_device
+    from eridiffusion.inference.generate import GenerateRequest, png_info
+    from eridiffusion.inference.generator import Generator, pil_to_mask, pil_to_pixels
+    from eridiffusion.networks import parse_adapter_arg
 
-    device = resolve_device(args.device)
-    family = load_family(args.model)
-    apply_adapter_files(family, [parse_adapter_arg(x) for x in args.lora])
-    family.to(device)
-    for m in family.modules().values():
-        m.eval()
+    model = Path(args.model)
+    generator = Generator({model.name: model}, device=args.device)
     req = GenerateRequest(
         prompts=args.prompt,
         negative_prompt=args.negative,
         steps=args.steps,
         guidance_scale=args.cfg,
-        sampler=args.sampler or default_sampler(family.objective.prediction_type),
+        sampler=args.sampler or "",
         seed=args.seed,
         height=args.height,
         width=args.width,
         images_per_prompt=args.n,
-        model_name=Path(args.model).name,
+        strength=args.strength,
     )
-    with torch.inference_mode():
-        images = to_pil(sample(family, req, device))
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image (inpainting repaints part of a start image)")
+    if args.init_image:
+        start = Image.open(args.init_image)
+        width, height = args.width or start.width, args.height or start.height
+        req.width, req.height = width, height
+        req.init_image = pil_to_pixels(start, width, height)
+        req.mask = pil_to_mask(Image.open(args.mask), width, height) if args.mask else None
+    loras = [(str(path), weight) for path, weight in map(parse_adapter_arg, args.lora)]
+    result = generator.generate(req, loras=loras)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (img, prompt) in enumerate(zip(images, req.expanded_prompts(), strict=True)):
-        seed = req.seed + i
+    for i, (img, seed, parameters) in enumerate(
+        zip(result.images, result.seeds, result.parameters, strict=True)
+    ):
         path = out / f"{i:04d}-{seed}.png"
-        img.save(path, pnginfo=png_info(a1111_parameters(req, prompt, seed, img.width, img.height)))
+        img.save(path, pnginfo=png_info(parameters))
         print(path)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from eridiffusion.inference.generator import Generator, discover_models
+    from eridiffusion.serving import ServeSettings, create_app
+
+    budget = int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None
+    generator = Generator(
+        discover_models([Path(m) for m in args.model]),
+        device=args.device,
+        memory_budget_bytes=budget,
+        max_models=args.max_models,
+        lora_dirs=[Path(d) for d in args.lora_dir],
+    )
+    settings = ServeSettings(
+        max_width=args.max_size,
+        max_height=args.max_size,
+        max_steps=args.max_steps,
+        max_images=args.max_images,
+        max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get("ERI_API_KEY"),
+    )
+    print(f"serving {sorted(generator.models)} on http://{args.host}:{args.port} (docs: /docs)")
+    uvicorn.run(create_app(generator, settings), host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -255,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("generate", help="txt2img with a trained model folder")
+    p = sub.add_parser("generate", help="txt2img / img2img / inpaint with a model folder or file")
     p.add_argument("--model", required=True, help="model folder (e.g. output/NAME/model)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative", default="", help="negative prompt")
@@ -270,8 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--lora", action="append", default=[], help="adapter file[:weight]; repeat to stack")
+    p.add_argument("--init-image", default=None, help="img2img start image (size defaults to its own)")
+    p.add_argument("--strength", type=float, default=0.75, help="img2img: share of the schedule re-run")
+    p.add_argument("--mask", default=None, help="inpaint mask image: white is repainted, black kept")
     p.add_argument("--out", default="generated", help="output folder")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="HTTP API: native /v1 and A1111-compatible /sdapi/v1 (FastAPI)")
+    p.add_argument(
+        "--model", action="append", required=True, help="model folder/file, or a folder of them; repeatable"
+    )
+    p.add_argument("--lora-dir", action="append", default=[], help="folder of LoRA files listed by /loras")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860, help="A1111's default port")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--api-key", default=None, help="require this key (default: $ERI_API_KEY, else none)")
+    p.add_argument("--max-models", type=int, default=2, help="models (with their LoRA sets) kept loaded")
+    p.add_argument("--memory-budget-gb", type=float, default=None, help="evict models beyond this")
+    p.add_argument("--max-queue", type=int, default=8, help="waiting jobs before answering 429")
+    p.add_argument("--max-size", type=int, default=2048, help="largest width/height")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-images", type=int, default=8, help="largest batch per request")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="rewrite an adapter file in another layout (kohya <-> diffusers)")
     p.add_argument("src", help="adapter file (kohya/ComfyUI, LyCORIS, diffusers or peft layout)")

@@ -11,7 +11,9 @@ input instead of running classifier-free guidance.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +34,27 @@ class GenerateRequest:
     height: int | None = None
     width: int | None = None
     images_per_prompt: int = 1
+    init_image: torch.Tensor | None = None
+    """img2img / inpaint: the start image, pixels in [-1, 1] of shape (3, height, width)."""
+    strength: float = 0.75
+    """img2img: the fraction of the schedule run from the noised start image (A1111's denoising strength;
+    1.0 keeps only the start image's composition in the masked area, 0.0 would run no step)."""
+    mask: torch.Tensor | None = None
+    """inpaint: (1, height, width) in [0, 1]; 1 is repainted, 0 keeps the start image."""
+    seeds: list[int] | None = None
+    """One seed per expanded prompt, when several requests share one batch; default seed, seed+1, ..."""
     model_name: str = field(default="")
 
     def expanded_prompts(self) -> list[str]:
         return [p for p in self.prompts for _ in range(self.images_per_prompt)]
+
+    def image_seeds(self) -> list[int]:
+        n = len(self.prompts) * self.images_per_prompt
+        if self.seeds is not None:
+            if len(self.seeds) != n:
+                raise ValueError(f"{len(self.seeds)} seeds for {n} images")
+            return list(self.seeds)
+        return [self.seed + i for i in range(n)]
 
 
 def _cat(a: Conditioning, b: Conditioning) -> Conditioning:
@@ -54,13 +73,60 @@ def _check_timesteps(timesteps: torch.Tensor, req: GenerateRequest) -> None:
             )
 
 
+def _noised(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x0`` at noise level ``t`` as this scheduler's sampler expects it: flow schedulers interpolate
+    (``scale_noise``), the DDPM family scale by sigma / alpha-bar (``add_noise``)."""
+    ts = t.reshape(1).expand(x0.shape[0])
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(x0, ts, noise)
+    return scheduler.add_noise(x0, noise, ts)
+
+
+def _start_from_image(
+    family: ModelFamily,
+    scheduler: Any,
+    req: GenerateRequest,
+    init_image: torch.Tensor,
+    noise: torch.Tensor,
+    size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """img2img (SDEdit, Meng et al. 2022): skip the first ``1 - strength`` of the schedule and start from
+    the encoded image noised to the first remaining step. Returns (timesteps, latents, clean latents)."""
+    if tuple(init_image.shape) != (3, *size):
+        raise ValueError(f"init image is {tuple(init_image.shape[1:])} (h, w) but the request is {size}")
+    if req.mask is not None and tuple(req.mask.shape) != (1, *size):
+        raise ValueError(f"mask is {tuple(req.mask.shape[1:])} (h, w) but the request is {size}")
+    if not 0.0 < req.strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {req.strength}")
+    skip = req.steps - min(int(req.steps * req.strength), req.steps)
+    if skip == req.steps:
+        raise ValueError(f"strength {req.strength} x {req.steps} steps runs no step; raise either")
+    order = getattr(scheduler, "order", 1)
+    timesteps = scheduler.timesteps[skip * order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(skip * order)
+    x0 = family.encode_images(init_image[None].to(noise.device)).float()
+    x0 = x0.expand(noise.shape[0], *x0.shape[1:])
+    return timesteps, _noised(scheduler, x0, noise, timesteps[:1]), x0
+
+
 def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
     """One CPU generator per image (seed, seed+1, ...) so image *i* reproduces alone, as in A1111."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+StepCallback = Callable[[int, int], None]
+"""Called as ``(step_done, total_steps)`` after every denoising step; raising from it stops sampling, which
+is how a server reports progress and interrupts a running job without threads killing each other."""
+
+
 @torch.no_grad()
-def sample(family: ModelFamily, req: GenerateRequest, device: torch.device | None = None) -> torch.Tensor:
+def sample(
+    family: ModelFamily,
+    req: GenerateRequest,
+    device: torch.device | None = None,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
     """Generate images for ``req``; returns pixels in [-1, 1] of shape (N, 3, H, W) on the CPU."""
     height = req.height or family.default_resolution()
     width = req.width or family.default_resolution()
@@ -74,9 +140,23 @@ def sample(family: ModelFamily, req: GenerateRequest, device: torch.device | Non
     extra = family.objective.set_timesteps_kwargs(req.steps, latent_shape)
     scheduler.set_timesteps(req.steps, device=device, **extra)
     _check_timesteps(scheduler.timesteps, req)
-    seeds = [req.seed + i for i in range(n)]
-    latents = initial_noise(latent_shape, seeds).to(device)
-    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+    seeds = req.image_seeds()
+    noise = initial_noise(latent_shape, seeds).to(device)
+    schedule, x0, keep = scheduler.timesteps, None, None
+    if req.init_image is None:
+        if req.mask is not None:
+            raise ValueError("a mask needs an init image to inpaint")
+        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    else:
+        schedule, latents, x0 = _start_from_image(
+            family, scheduler, req, req.init_image, noise, (height, width)
+        )
+        if req.mask is not None:
+            # the mask at latent resolution; outside it the known image, noised to the current step,
+            # replaces the sample after every step (the "legacy" inpainting of SD's first releases)
+            keep = 1 - torch.nn.functional.interpolate(req.mask[None].float(), size=latent_shape[1:]).to(
+                device
+            )
     # ancestral/SDE samplers draw fresh noise each step: seed it too; deterministic ones take no generator
     step_kwargs = (
         {"generator": torch.Generator().manual_seed(req.seed)}
@@ -93,7 +173,8 @@ def sample(family: ModelFamily, req: GenerateRequest, device: torch.device | Non
     if use_cfg:
         cond = _cat(cond, family.encode_prompt([req.negative_prompt] * n))
     scales_input = hasattr(scheduler, "scale_model_input")
-    for t in scheduler.timesteps:
+    total = len(schedule)
+    for i, t in enumerate(schedule):
         model_in = scheduler.scale_model_input(latents, t) if scales_input else latents
         if use_cfg:
             model_in = torch.cat([model_in, model_in])
@@ -103,6 +184,11 @@ def sample(family: ModelFamily, req: GenerateRequest, device: torch.device | Non
             out_cond, out_uncond = out.chunk(2)
             out = out_uncond + req.guidance_scale * (out_cond - out_uncond)
         latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
+        if keep is not None and x0 is not None:
+            known = x0 if i + 1 == total else _noised(scheduler, x0, noise, schedule[i + 1])
+            latents = keep * known + (1 - keep) * latents
+        if on_step is not None:
+            on_step(i + 1, total)
     if not torch.isfinite(latents).all():
         raise ValueError(
             f"sampler {req.sampler!r} produced NaN/inf with this model; try ddim, euler or dpmpp_2m"

@@ -36,15 +36,17 @@ class SamplerSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     prediction_types: frozenset[str] = DDPM_PREDICTIONS
     """Objectives (``NoiseObjective.prediction_type``) this sampler integrates correctly."""
+    stochastic: bool = False
+    """Draws fresh noise every step (from one generator per batch), so an image depends on its batch."""
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     s.key: s
     for s in (
         SamplerSpec("ddim", "DDIM", DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
-        SamplerSpec("ddpm", "DDPM", DDPMScheduler, {"clip_sample": False}),
+        SamplerSpec("ddpm", "DDPM", DDPMScheduler, {"clip_sample": False}, stochastic=True),
         SamplerSpec("euler", "Euler", EulerDiscreteScheduler),
-        SamplerSpec("euler_a", "Euler a", EulerAncestralDiscreteScheduler),
+        SamplerSpec("euler_a", "Euler a", EulerAncestralDiscreteScheduler, stochastic=True),
         SamplerSpec("heun", "Heun", HeunDiscreteScheduler),
         SamplerSpec("dpmpp_2m", "DPM++ 2M", DPMSolverMultistepScheduler),
         SamplerSpec(

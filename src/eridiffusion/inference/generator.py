@@ -1,0 +1,237 @@
+"""The one generation API the CLI and the server share: named models, an LRU model cache, LoRA by path.
+
+Adapter files are merged into weights (:func:`eridiffusion.networks.apply_adapter_files`), which changes the
+model in place. So a request with LoRAs never touches the cached base model: each distinct
+(model, LoRA set) pair is loaded fresh from disk, merged once and cached as its own entry, evicted like any
+other. Merging back out (subtracting the delta) would drift the base weights a little on every request;
+a fresh load costs one disk read and keeps every cached model bit-exact.
+
+Schedulers hold per-run state and are not thread-safe; :func:`~eridiffusion.inference.generate.sample`
+builds a fresh one per call, so several threads may generate from one cached model at once.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eridiffusion.inference.generate import (
+    GenerateRequest,
+    StepCallback,
+    a1111_parameters,
+    sample,
+    to_pil,
+)
+from eridiffusion.inference.samplers import default_sampler
+from eridiffusion.models import detect_arch, load_family
+from eridiffusion.models.protocol import ModelFamily
+from eridiffusion.networks import apply_adapter_files
+
+LoraSpec = tuple[Path, float]
+"""An adapter file and its multiplier (A1111's ``<lora:name:weight>``)."""
+
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?\d*\.?\d+))?>")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def model_bytes(family: ModelFamily) -> int:
+    """Parameter and buffer bytes of every component: what the cache's memory budget counts."""
+    total = 0
+    for module in family.modules().values():
+        for t in (*module.parameters(), *module.buffers()):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def discover_models(paths: list[Path]) -> dict[str, Path]:
+    """Name -> path for each model in ``paths``: a path that is a model itself, or the models one level
+    inside a folder of models. Names are folder names or file stems, as A1111 lists checkpoints."""
+    found: dict[str, Path] = {}
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"model path '{path}' does not exist")
+        candidates = [path]
+        try:
+            detect_arch(path)
+        except ValueError:
+            candidates = sorted(p for p in path.iterdir() if p.is_dir() or p.suffix == ".safetensors")
+        for c in candidates:
+            try:
+                detect_arch(c)
+            except ValueError:
+                continue
+            found[c.stem if c.is_file() else c.name] = c
+    if not found:
+        raise ValueError(f"no model found in {[str(p) for p in paths]}")
+    return found
+
+
+def pil_to_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """An img2img start image as (3, height, width) pixels in [-1, 1], stretched to the requested size
+    (A1111's default "Just resize")."""
+    rgb = image.convert("RGB").resize((width, height), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def pil_to_mask(image: Image.Image, width: int, height: int, invert: bool = False) -> torch.Tensor:
+    """An inpainting mask as (1, height, width) in {0, 1}: white (1) is repainted, black kept, as in A1111;
+    nearest resizing and a 0.5 threshold keep it binary, so the kept area stays exactly the start image."""
+    grey = np.asarray(image.convert("L").resize((width, height), Image.NEAREST))
+    mask = torch.from_numpy(grey >= 128).float()[None]
+    return 1 - mask if invert else mask
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Remove A1111 ``<lora:name:weight>`` tags from a prompt; returns the clean prompt and the tags."""
+    tags = [(m.group(1), float(m.group(2) or 1.0)) for m in _LORA_TAG.finditer(prompt)]
+    return " ".join(_LORA_TAG.sub(" ", prompt).split()), tags
+
+
+class ModelCache:
+    """Loaded models by (model path, LoRA set), least recently used first out.
+
+    Evicts until the new entry fits ``budget_bytes`` and at most ``max_entries`` remain; a single model
+    larger than the budget is still served (alone), since refusing it would make the server useless.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        budget_bytes: int | None = None,
+        max_entries: int = 2,
+        loader: Callable[[Path], ModelFamily] = load_family,
+    ) -> None:
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self.max_entries = max(1, max_entries)
+        self._loader = loader
+        self._entries: OrderedDict[tuple[str, tuple[LoraSpec, ...]], tuple[ModelFamily, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self._entries.values())
+
+    def loaded(self) -> list[tuple[str, tuple[LoraSpec, ...]]]:
+        return list(self._entries)
+
+    def get(self, path: Path, loras: tuple[LoraSpec, ...] = ()) -> ModelFamily:
+        key = (str(path.resolve()), loras)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+            family = self._loader(path)
+            apply_adapter_files(family, list(loras))
+            family.to(self.device)
+            for module in family.modules().values():
+                module.eval()
+            size = model_bytes(family)
+            while self._entries and (
+                len(self._entries) >= self.max_entries
+                or (self.budget_bytes is not None and self.total_bytes + size > self.budget_bytes)
+            ):
+                self._entries.popitem(last=False)
+            self._entries[key] = (family, size)
+            return family
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    prompts: list[str]
+    seeds: list[int]
+    parameters: list[str]
+    """A1111 ``parameters`` text per image, for the PNG chunk and API responses."""
+    request: GenerateRequest
+    """The request as run: sampler, size and model name filled in."""
+
+
+class Generator:
+    """Generate from named local models; safe to call from several threads."""
+
+    def __init__(
+        self,
+        models: Mapping[str, Path],
+        device: str = "auto",
+        memory_budget_bytes: int | None = None,
+        max_models: int = 2,
+        lora_dirs: list[Path] | None = None,
+    ) -> None:
+        if not models:
+            raise ValueError("Generator needs at least one model")
+        self.models = dict(models)
+        self.default_model = next(iter(self.models))
+        self.lora_dirs = list(lora_dirs or [])
+        self.cache = ModelCache(resolve_device(device), memory_budget_bytes, max_models)
+
+    def model_path(self, name: str | None) -> tuple[str, Path]:
+        name = name or self.default_model
+        if name not in self.models:
+            raise ValueError(f"unknown model {name!r}; available: {sorted(self.models)}")
+        return name, self.models[name]
+
+    def list_loras(self) -> dict[str, Path]:
+        return {p.stem: p for d in self.lora_dirs if d.is_dir() for p in sorted(d.glob("*.safetensors"))}
+
+    def resolve_lora(self, name_or_path: str) -> Path:
+        """A LoRA by path, or by name (file stem) in the LoRA folders, as A1111's prompt tags name them."""
+        path = Path(name_or_path)
+        if path.is_file():
+            return path.resolve()
+        known = self.list_loras()
+        if name_or_path in known:
+            return known[name_or_path].resolve()
+        raise FileNotFoundError(f"LoRA {name_or_path!r} not found (known: {sorted(known)})")
+
+    def generate(
+        self,
+        req: GenerateRequest,
+        model: str | None = None,
+        loras: list[tuple[str, float]] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> GenerationResult:
+        """Run ``req`` on ``model`` with ``loras`` (paths or names) plus any ``<lora:...>`` prompt tags.
+
+        Tags in any prompt apply to every image of the request: one batch runs on one set of weights."""
+        name, path = self.model_path(model)
+        prompts, specs = [], list(loras or [])
+        for p in req.prompts:
+            clean, tags = split_lora_tags(p)
+            prompts.append(clean)
+            specs.extend(t for t in tags if t not in specs)
+        resolved = tuple(sorted((self.resolve_lora(n), float(w)) for n, w in specs))
+        family = self.cache.get(path, resolved)
+        req = replace(
+            req,
+            prompts=prompts,
+            sampler=req.sampler or default_sampler(family.objective.prediction_type),
+            model_name=req.model_name or name,
+        )
+        device = self.cache.device
+        with torch.inference_mode():
+            images = to_pil(sample(family, req, device, on_step=on_step))
+        expanded = req.expanded_prompts()
+        seeds = req.image_seeds()
+        parameters = [
+            a1111_parameters(req, p, s, img.width, img.height)
+            for p, s, img in zip(expanded, seeds, images, strict=True)
+        ]
+        return GenerationResult(images, expanded, seeds, parameters, req)
