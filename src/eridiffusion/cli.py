@@ -131,10 +131,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int | None) -> dict:
     """Score a run's result: its model folder, or for adapter runs its base model plus its adapter file."""
+    from eridiffusion.device import resolve_device
     from eridiffusion.inference.evaluate import EvalSettings, evaluate, read_prompts
     from eridiffusion.models import load_family
     from eridiffusion.networks import apply_adapter_files
-    from eridiffusion.training.loop import load_or_build, resolve_device
+    from eridiffusion.training.loop import load_or_build
 
     default_prompts = Path(cfg.datasets[0].folder_path or ".") / "held_out_prompts.txt"
     prompts_path = Path(prompts_file or cfg.eval.prompts_file or default_prompts)
@@ -147,7 +148,7 @@ def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int
         sampler=e.sampler,
         seed=e.seed,
     )
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     if model:
         family, evaluated = load_family(model), model
     elif cfg.network is not None:

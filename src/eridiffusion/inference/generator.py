@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eridiffusion.device import resolve_device
 from eridiffusion.inference.generate import (
     GenerateRequest,
     StepCallback,
@@ -39,16 +40,6 @@ LoraSpec = tuple[Path, float]
 """An adapter file and its multiplier (A1111's ``<lora:name:weight>``)."""
 
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?\d*\.?\d+))?>")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but no CUDA device is available; use auto or cpu")
-    return device
 
 
 def model_bytes(family: ModelFamily) -> int:

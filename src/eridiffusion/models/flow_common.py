@@ -56,6 +56,7 @@ from eridiffusion.models.stable_diffusion import (
     LDM_UNET_PREFIX,
     LDM_VAE_PREFIX,
     STORAGE_DTYPES,
+    VAELatents,
     instantiate,
     load_preset,
     load_vae,
@@ -328,7 +329,7 @@ class _Parts:
     saved_options: dict[str, Any] = field(default_factory=dict)
 
 
-class FlowTransformerFamily:
+class FlowTransformerFamily(VAELatents):
     """Transformer + 16-channel VAE + CLIP/T5 text encoders, trained with flow matching."""
 
     arch: ClassVar[str]
@@ -702,20 +703,6 @@ class FlowTransformerFamily:
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % factor:
                 raise ValueError(f"{name} {value} must be a positive multiple of {factor} for {self.arch}")
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """No gradients: the VAE is never trained, and its graph would only cost memory."""
-        vae = self._vae_for_use()
-        with torch.no_grad():
-            posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return ((posterior.mean - shift) * self.vae.config.scaling_factor).float()
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self._vae_for_use()
-        shift = self.vae.config.get("shift_factor") or 0.0
-        z = latents / self.vae.config.scaling_factor + shift
-        return vae.decode(z.to(device=vae.device, dtype=vae.dtype)).sample.float()
 
     def lora_key_names(self, component: str, module_path: str) -> tuple[str, str]:
         """kohya-style ``lora_transformer_*`` / ``lora_te{1,2,3}_*`` (OneTrainer's naming, which ComfyUI

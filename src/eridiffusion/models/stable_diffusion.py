@@ -168,7 +168,32 @@ def match_text_keys(state: dict[str, torch.Tensor], model: TextModel) -> dict[st
 # --- the family -------------------------------------------------------------------------------------------
 
 
-class StableDiffusionFamily:
+class VAELatents:
+    """Latent encoding shared by the AutoencoderKL families (SD1.5/SDXL and SD3/Flux): posterior mean,
+    then the VAE's own shift and scale. Subclasses provide ``vae`` and ``_vae_for_use()`` (the VAE on the
+    device it should run on)."""
+
+    vae: AutoencoderKL
+
+    def _vae_for_use(self) -> AutoencoderKL:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE is never trained, so no graph is kept through it."""
+        vae = self._vae_for_use()
+        posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return ((posterior.mean - shift) * self.vae.config.scaling_factor).float()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self._vae_for_use()
+        shift = self.vae.config.get("shift_factor") or 0.0
+        z = latents / self.vae.config.scaling_factor + shift
+        return vae.decode(z.to(device=vae.device, dtype=vae.dtype)).sample.float()
+
+
+class StableDiffusionFamily(VAELatents):
     """UNet + VAE + CLIP text encoder(s); subclasses add ``encode_prompt`` / ``predict`` specifics."""
 
     arch: ClassVar[str]
@@ -324,20 +349,6 @@ class StableDiffusionFamily:
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % factor:
                 raise ValueError(f"{name} {value} must be a positive multiple of {factor} for {self.arch}")
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE is never trained, so no graph is kept through it."""
-        vae = self._vae_for_use()
-        posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return ((posterior.mean - shift) * self.vae.config.scaling_factor).float()
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self._vae_for_use()
-        shift = self.vae.config.get("shift_factor") or 0.0
-        z = latents / self.vae.config.scaling_factor + shift
-        return vae.decode(z.to(device=vae.device, dtype=vae.dtype)).sample.float()
 
     def lora_key_names(self, component: str, module_path: str) -> tuple[str, str]:
         """kohya / diffusers names of a layer. Text encoders keep CLIP's ``text_model.`` prefix, which

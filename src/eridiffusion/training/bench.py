@@ -78,7 +78,8 @@ def run_bench(
 ) -> BenchResult:
     """Time ``steps`` full-fine-tune optimizer steps of the denoiser (after one untimed warm-up step)."""
     from eridiffusion.config.schema import JobConfig
-    from eridiffusion.training.loop import diffusion_loss, resolve_device
+    from eridiffusion.device import resolve_device
+    from eridiffusion.training.loop import diffusion_loss
 
     device = resolve_device(device_name)
     amp = resolve_precision(mixed_precision, device)

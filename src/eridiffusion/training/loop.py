@@ -26,6 +26,7 @@ from eridiffusion.config.load import dump_config
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.cache import prepare_caches
 from eridiffusion.data.loader import Batch, TrainingData, open_sources
+from eridiffusion.device import resolve_device
 from eridiffusion.inference.generate import GenerateRequest, make_grid, sample, to_pil, upscale_nearest
 from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models import ModelFamily, build_family, load_family
@@ -51,15 +52,6 @@ class TrainResult:
     """The final model folder, or the adapter file for network runs."""
     last_loss: float | None
     resumed_from: Path | None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but no CUDA device is available; use auto or cpu")
-    return device
 
 
 def resolve_precision(setting: str, device: torch.device) -> torch.dtype | None:
@@ -231,7 +223,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     amp_dtype = resolve_precision(cfg.train.mixed_precision, device)
     t = cfg.train
 

@@ -24,6 +24,7 @@ from torch import nn
 from eridiffusion.config.schema import DatasetConfig, GroupConfig, JobConfig, OptimizerConfig, StageConfig
 from eridiffusion.data.folder import IMAGE_EXTENSIONS
 from eridiffusion.data.loader import TrainingData
+from eridiffusion.device import resolve_device
 from eridiffusion.models import ModelFamily, load_family
 from eridiffusion.networks import attach_network, export_network, merge_adapters
 from eridiffusion.networks.adapters import lora_parameter_count
@@ -41,7 +42,6 @@ from eridiffusion.training.loop import (
     _Logger,
     diffusion_loss,
     load_or_build,
-    resolve_device,
     save_samples,
     step_generator,
 )
@@ -399,7 +399,7 @@ def run_pipeline(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = 
         raise ValueError("train.ema is not supported with a pipeline yet; set train.ema.enabled: false")
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     snapshot = pipeline_snapshot(cfg)
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.save.keep)
     ckpts.clean_partial()
