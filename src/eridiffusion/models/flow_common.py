@@ -51,7 +51,7 @@ from transformers import (
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.objectives import FlowMatchObjective
 from eridiffusion.models.options import parse_model_options
-from eridiffusion.models.protocol import Conditioning, underscored_lora_names
+from eridiffusion.models.protocol import Conditioning, require_size_multiple, underscored_lora_names
 from eridiffusion.models.stable_diffusion import (
     LDM_UNET_PREFIX,
     LDM_VAE_PREFIX,
@@ -699,10 +699,7 @@ class FlowTransformerFamily(VAELatents):
 
     def check_size(self, height: int, width: int) -> None:
         """Latents must split into whole transformer tokens: VAE factor x token patch (16 for real sizes)."""
-        factor = self.size_multiple()
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % factor:
-                raise ValueError(f"{name} {value} must be a positive multiple of {factor} for {self.arch}")
+        require_size_multiple(self.arch, self.size_multiple(), height, width)
 
     def lora_key_names(self, component: str, module_path: str) -> tuple[str, str]:
         """kohya-style ``lora_transformer_*`` / ``lora_te{1,2,3}_*`` (OneTrainer's naming, which ComfyUI

@@ -136,6 +136,13 @@ class SingleFileExport(Protocol):
     def save_single_file(self, path: Path) -> None: ...
 
 
+def require_size_multiple(arch: str, factor: int, height: int, width: int) -> None:
+    """The shared body of ``ModelFamily.check_size``: both sides positive multiples of ``factor``."""
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % factor:
+            raise ValueError(f"{name} {value} must be a positive multiple of {factor} for {arch}")
+
+
 def underscored_lora_names(kohya_prefix: str, diffusers_prefix: str, module_path: str) -> tuple[str, str]:
     """kohya's convention for models whose module names it shares (SD1.5 UNet, CLIP): dots -> underscores."""
     return f"{kohya_prefix}_{module_path.replace('.', '_')}", f"{diffusers_prefix}.{module_path}"

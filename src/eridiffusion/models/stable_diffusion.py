@@ -48,7 +48,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.objectives import BETA_SCHEDULES, DDPMObjective
 from eridiffusion.models.options import parse_model_options
-from eridiffusion.models.protocol import Conditioning, underscored_lora_names
+from eridiffusion.models.protocol import Conditioning, require_size_multiple, underscored_lora_names
 from eridiffusion.models.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -345,10 +345,7 @@ class StableDiffusionFamily(VAELatents):
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def check_size(self, height: int, width: int) -> None:
-        factor = self.size_multiple()
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % factor:
-                raise ValueError(f"{name} {value} must be a positive multiple of {factor} for {self.arch}")
+        require_size_multiple(self.arch, self.size_multiple(), height, width)
 
     def lora_key_names(self, component: str, module_path: str) -> tuple[str, str]:
         """kohya / diffusers names of a layer. Text encoders keep CLIP's ``text_model.`` prefix, which

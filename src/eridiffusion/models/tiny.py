@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from eridiffusion.models.objectives import DDPMObjective
 from eridiffusion.models.options import parse_model_options
-from eridiffusion.models.protocol import Conditioning, underscored_lora_names
+from eridiffusion.models.protocol import Conditioning, require_size_multiple, underscored_lora_names
 from eridiffusion.models.tokenizer import build_tokenizer
 
 FAMILY_FILE = "eri_family.json"
@@ -194,12 +194,7 @@ class TinyFamily:
         return self.options.size_multiple
 
     def check_size(self, height: int, width: int) -> None:
-        factor = self.size_multiple()
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % factor:
-                raise ValueError(
-                    f"{name} {value} must be a positive multiple of {factor} for this tiny model"
-                )
+        require_size_multiple("this tiny model", self.size_multiple(), height, width)
 
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         ids = self.tokenizer(
