@@ -53,9 +53,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from eridiffusion.data.shapes import write_shapes_dataset
 
-    n = write_shapes_dataset(Path(args.out_dir), n=args.n, resolution=args.resolution, seed=args.seed)
+    n = write_shapes_dataset(
+        Path(args.out_dir),
+        n=args.n,
+        resolution=args.resolution,
+        seed=args.seed,
+        colours=args.colours.split(",") if args.colours else None,
+        held_out=args.held_out,
+    )
     print(
-        f"{n} images with captions in {args.out_dir} (held-out prompts: {args.out_dir}/held_out_prompts.txt)"
+        f"{n} images with captions in {args.out_dir} "
+        f"(evaluation prompts: {args.out_dir}/held_out_prompts.txt)"
     )
     return 0
 
@@ -132,22 +140,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int | None) -> dict:
     """Score a run's result: its model folder, or for adapter runs its base model plus its adapter file."""
     from eridiffusion.device import resolve_device
-    from eridiffusion.inference.evaluate import EvalSettings, evaluate, read_prompts
+    from eridiffusion.inference.evaluate import EvalSettings, evaluate, prompts_path, read_prompts
     from eridiffusion.models import load_family
     from eridiffusion.networks import apply_adapter_files
     from eridiffusion.training.loop import load_or_build
 
-    default_prompts = Path(cfg.datasets[0].folder_path or ".") / "held_out_prompts.txt"
-    prompts_path = Path(prompts_file or cfg.eval.prompts_file or default_prompts)
-    prompts = read_prompts(prompts_path)
-    e = cfg.eval
-    settings = EvalSettings(
-        images_per_prompt=n or e.images_per_prompt,
-        steps=e.steps,
-        guidance_scale=e.guidance_scale,
-        sampler=e.sampler,
-        seed=e.seed,
-    )
+    path = prompts_path(cfg.eval, cfg.datasets, prompts_file)
+    prompts = read_prompts(path)
+    settings = EvalSettings.from_config(cfg.eval, n)
     device = resolve_device(cfg.train.device, "train.device")
     if model:
         family, evaluated = load_family(model), model
@@ -161,7 +161,7 @@ def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int
     family.to(device)
     report = evaluate(family, prompts, settings, device, grid_path=cfg.run_dir / "eval_grid.png")
     report["model"] = evaluated
-    report["prompts_file"] = str(prompts_path)
+    report["prompts_file"] = str(path)
     (cfg.run_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report
 
@@ -187,6 +187,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_pipeline_summary(run_dir: Path) -> None:
+    """One line per pipeline step: its length, time, last metrics and, where scored, prompt adherence."""
+    summary = json.loads((run_dir / "pipeline_summary.json").read_text(encoding="utf-8"))
+    for name, s in summary.items():
+        scores = ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in s.items() if k.startswith("eval_"))
+        finals = ", ".join(f"{k[6:]} {v:.4f}" for k, v in s.items() if k.startswith("final_"))
+        print(f"  {name}: {s['steps']} steps in {s['seconds']:.0f} s; {finals}")
+        if scores:
+            print(f"    prompt adherence ({run_dir / 'stages'}/*-{name}/eval.json): {scores}")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The embedded default: synthetic data, train tiny from scratch, evaluate, sample grid."""
     from eridiffusion.training.loop import train
@@ -197,6 +208,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         f"trained {cfg.name}: {result.final_step} steps, final loss {result.last_loss:.4f}; "
         f"samples in {cfg.run_dir / 'samples'}"
     )
+    if cfg.pipeline is not None:
+        print_pipeline_summary(cfg.run_dir)
+        print("final model:")
     _print_eval(run_eval(cfg, None, None, None))
     return 0
 
@@ -285,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--n", type=int, default=2000)
     shapes.add_argument("--resolution", type=int, default=32)
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument(
+        "--colours", default=None, help="comma-separated colours, e.g. black for a new-concept set"
+    )
+    shapes.add_argument(
+        "--held-out", action="append", default=None, help="'colour shape' never drawn; repeat for several"
+    )
     shapes.set_defaults(func=cmd_data)
 
     p = sub.add_parser("generate", help="txt2img / img2img / inpaint with a model folder or file")
@@ -378,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("diffusers", "transformers", "urllib3", "PIL"):
+    for noisy in ("diffusers", "transformers", "urllib3", "PIL", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from eridiffusion.data.folder import DatasetError
     from eridiffusion.training.loop import NonFiniteLossError

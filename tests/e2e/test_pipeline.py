@@ -90,9 +90,15 @@ def test_validate_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixt
     bad["pipeline"]["steps"][1]["max_steps"] = 3
     bad["pipeline"]["steps"][0]["optimizers"]["denoiser"] = {"lr": 1}
     cached = pipeline_job(tmp_path)
+    cached["datasets"][0]["cache_text_embeddings"] = True  # the diffusion step trains the text encoder
+    cached["pipeline"]["steps"][1]["trainable"] = ["denoiser", "text_encoder", "vae"]
+    cached["pipeline"]["steps"][1]["frozen"] = []
     cached["datasets"][0]["cache_latents_to_disk"] = True
     assert main(["validate", str(write_yaml(tmp_path / "c.yaml", cached))]) == EXIT_USER_ERROR
-    assert "caches are not available in pipelines yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pipeline.steps[1] (diffusion): cache_latents_to_disk needs a frozen vae" in err
+    assert "pipeline.steps[1] (diffusion): cache_text_embeddings needs frozen text encoders" in err
+    assert "steps[0]" not in err and "steps[2]" not in err  # autoencoder reads pixels; lora freezes all
     assert main(["validate", str(write_yaml(tmp_path / "b.yaml", bad))]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "3 problem(s)" in err
@@ -139,13 +145,21 @@ def test_loss_threshold_ends_a_step_early(tmp_path: Path) -> None:
     assert summary["d"]["steps"] == 4  # below 10 from the start; counted from step 3, twice -> ends at 4
 
 
+def ema_cached_job(root: Path, name: str) -> dict[str, Any]:
+    """EMA on every step and latents cached for the steps after the autoencoder's."""
+    job = pipeline_job(root, name=name)
+    job["train"]["ema"] = {"enabled": True, "decay": 0.9}
+    job["datasets"][0]["cache_latents_to_disk"] = True
+    return job
+
+
 def test_kill_mid_stage_then_resume_equals_uninterrupted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    whole = write_yaml(tmp_path / "w.yaml", pipeline_job(tmp_path, name="whole"))
+    whole = write_yaml(tmp_path / "w.yaml", ema_cached_job(tmp_path, name="whole"))
     assert main(["train", str(whole)]) == 0
 
-    crash = write_yaml(tmp_path / "c.yaml", pipeline_job(tmp_path, name="crash"))
+    crash = write_yaml(tmp_path / "c.yaml", ema_cached_job(tmp_path, name="crash"))
 
     def die(state: loop.TrainState) -> None:
         if state.step == 7:  # inside the diffusion step (3 ae + 4 of 6); last checkpoint at step 6
@@ -159,6 +173,7 @@ def test_kill_mid_stage_then_resume_equals_uninterrupted(
         (tmp_path / "output" / "crash" / "checkpoints" / "step_000006" / "state.json").read_text()
     )
     assert (state["stage"], state["stage_name"], state["stage_step"]) == (1, "diffusion", 3)
+    assert (tmp_path / "output" / "crash" / "checkpoints" / "step_000006" / "ema.safetensors").is_file()
     monkeypatch.setattr(loop, "train", real_train)
     assert main(["train", str(crash)]) == 0
 
@@ -168,8 +183,64 @@ def test_kill_mid_stage_then_resume_equals_uninterrupted(
     lora_b = load_file(tmp_path / "output" / "crash" / "stages" / "2-concept" / "concept.safetensors")
     assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
 
-    changed = pipeline_job(tmp_path, name="crash")
+    changed = ema_cached_job(tmp_path, name="crash")
     changed["pipeline"]["steps"][1]["n_epochs"] = 2
     assert main(["train", str(write_yaml(tmp_path / "c2.yaml", changed))]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "pipeline config changed" in err and "steps[1].n_epochs" in err
+
+
+def test_ema_is_the_steps_result_and_caches_follow_the_trained_autoencoder(tmp_path: Path) -> None:
+    """With EMA the saved stage model is the average, not the last weights; the latent cache of the
+    diffusion step is computed with the autoencoder the first step trained (its own model id)."""
+    job = ema_cached_job(tmp_path, name="e")
+    job["pipeline"]["steps"] = job["pipeline"]["steps"][:2]
+    job["pipeline"]["steps"][1]["ema"] = {"enabled": True, "decay": 0.5, "warmup": False}
+    assert main(["train", str(write_yaml(tmp_path / "e.yaml", job))]) == 0
+    plain = pipeline_job(tmp_path, name="plain")
+    plain["pipeline"]["steps"] = plain["pipeline"]["steps"][:2]
+    assert main(["train", str(write_yaml(tmp_path / "plain.yaml", plain))]) == 0
+    e, p = tmp_path / "output" / "e", tmp_path / "output" / "plain"
+    # the autoencoder step's EMA (decay 0.9) changes its result; the discriminator has no EMA and no output
+    ae_e = _weights(e / "stages" / "0-ae" / "model" / "vae")
+    ae_p = _weights(p / "stages" / "0-ae" / "model" / "vae")
+    assert any(not torch.equal(ae_e[k], ae_p[k]) for k in ae_e)
+    unet_e, unet_p = _weights(e / "model" / "unet"), _weights(p / "model" / "unet")
+    assert any(not torch.equal(unet_e[k], unet_p[k]) for k in unet_e)
+    (latents,) = (tmp_path / "shapes").rglob("latents")
+    assert len(list(latents.iterdir())) == 1  # one model id: the trained autoencoder's
+    assert len(list(latents.rglob("*.safetensors"))) == 48
+
+
+def test_a_concept_step_on_its_own_dataset_is_scored_into_the_summary(tmp_path: Path) -> None:
+    """A LoRA step on a generated new-concept set, evaluated on the pair that set held out."""
+    job = pipeline_job(tmp_path, name="c")
+    concept = job["pipeline"]["steps"][2]
+    concept["datasets"] = [
+        {
+            "folder_path": str(tmp_path / "black"),
+            "resolution": 16,
+            "synthetic": {"n": 16, "resolution": 16, "colours": ["black"], "held_out": ["black triangle"]},
+        }
+    ]
+    concept["eval"] = {"images_per_prompt": 1, "steps": 2}
+    assert main(["train", str(write_yaml(tmp_path / "c.yaml", job))]) == 0
+    run = tmp_path / "output" / "c"
+    summary = json.loads((run / "pipeline_summary.json").read_text())
+    assert {"eval_colour", "eval_shape", "eval_both"} <= set(summary["concept"])
+    assert "eval_colour" not in summary["diffusion"]
+    report = json.loads((run / "stages" / "2-concept" / "eval.json").read_text())
+    assert report["n"] == 4 and {r["target_colour"] for r in report["per_prompt"]} == {"black"}
+    assert (run / "stages" / "2-concept" / "eval_grid.png").is_file()
+    captions = {p.read_text().split()[3] for p in (tmp_path / "black").glob("[0-9]*.txt")}
+    assert captions <= {"circle", "square"}
+
+
+def test_a_bad_concept_dataset_is_an_error_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    job = pipeline_job(tmp_path, name="bad")
+    job["datasets"][0]["folder_path"] = str(tmp_path / "mauve")
+    job["datasets"][0]["synthetic"]["colours"] = ["mauve"]
+    assert main(["train", str(write_yaml(tmp_path / "b.yaml", job))]) == EXIT_USER_ERROR
+    assert "datasets[0].synthetic.colours: unknown ['mauve']" in capsys.readouterr().err

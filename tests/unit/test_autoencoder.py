@@ -10,8 +10,10 @@ from eridiffusion.models import build_family
 from eridiffusion.training.autoencoder import (
     AutoencoderLossConfig,
     PatchDiscriminator,
+    calibration_latents,
     discriminator_loss,
     generator_loss,
+    latent_channel_statistics,
     latent_scaling_factor,
 )
 from tests.conftest import TINY_OPTIONS
@@ -57,13 +59,40 @@ def test_generator_loss_adds_adversarial_term_only_after_disc_start() -> None:
     assert m0["rec_loss"] == pytest.approx(m1["rec_loss"])
 
 
+def test_mse_weight_adds_the_squared_error_to_the_reconstruction_loss() -> None:
+    vae = _vae()
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    l1_only = AutoencoderLossConfig(kl_weight=0.0)
+    with_mse = AutoencoderLossConfig(kl_weight=0.0, mse_weight=2.0)
+    _, recon, m0 = generator_loss(vae, pixels, None, 0, l1_only, torch.Generator().manual_seed(0))
+    _, _, m1 = generator_loss(vae, pixels, None, 0, with_mse, torch.Generator().manual_seed(0))
+    mse = torch.nn.functional.mse_loss(recon, pixels).item()
+    assert m1["rec_loss"] == pytest.approx(m0["rec_loss"] + 2.0 * mse, rel=1e-5)
+
+
 def test_latent_scaling_factor_whitens_latents() -> None:
     vae = _vae()
     pixels = torch.rand(4, 3, 16, 16) * 2 - 1
-    scale = latent_scaling_factor(vae, pixels)
+    latents = calibration_latents(vae, [pixels[:2], pixels[2:]])  # batch by batch, same as all at once
     with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.mean * scale
-    assert latents.std().item() == pytest.approx(1.0, rel=1e-4)
+        assert torch.allclose(latents, vae.encode(pixels).latent_dist.mean, atol=1e-6)
+    scale = latent_scaling_factor(latents)
+    assert (latents * scale).std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_channel_statistics_standardise_each_channel_and_tiny_reads_them() -> None:
+    fam = build_family("tiny", {**TINY_OPTIONS, "latent": "autoencoder", "vae_channels": [16, 32]}, seed=0)
+    assert fam.vae is not None
+    pixels = torch.rand(6, 3, 16, 16) * 2 - 1
+    latents = calibration_latents(fam.vae, [pixels])
+    mean, std = latent_channel_statistics(latents)
+    fam.vae.register_to_config(scaling_factor=1.0, latents_mean=mean, latents_std=std)
+    with torch.no_grad():
+        z = fam.encode_images(pixels)
+        assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(len(mean)), atol=1e-5)
+        assert torch.allclose(z.std(dim=(0, 2, 3)), torch.ones(len(mean)), atol=1e-4)
+        # decoding undoes the standardisation: the same image as decoding the raw posterior mean
+        assert torch.allclose(fam.decode_latents(z), fam.vae.decode(latents).sample, atol=1e-5)
 
 
 def test_tiny_autoencoder_option_encodes_to_latents_and_back() -> None:

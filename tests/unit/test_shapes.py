@@ -189,3 +189,32 @@ def test_write_is_idempotent_and_refuses_to_clobber(tmp_path):
         write_shapes_dataset(user, n=5)
     assert (user / "holiday.jpg").read_bytes() == b"not ours"
     assert sorted(p.name for p in user.iterdir()) == ["holiday.jpg"]
+
+
+def test_concept_dataset_draws_only_its_colours_and_prompts_for_what_it_holds_out(tmp_path):
+    write_shapes_dataset(tmp_path / "c", n=40, seed=1, colours=["black"], held_out=["black triangle"])
+    seen = {parse_prompt(t.read_text(encoding="utf-8")) for t in (tmp_path / "c").glob("[0-9]*.txt")}
+    assert seen == {("black", "circle"), ("black", "square")}
+    prompts = (tmp_path / "c" / "held_out_prompts.txt").read_text(encoding="utf-8").splitlines()
+    assert {parse_prompt(p) for p in prompts} == {("black", "triangle")}
+    # nothing held out: the prompts say what the set teaches
+    write_shapes_dataset(tmp_path / "all", n=9, seed=1, colours=["black"], held_out=[])
+    prompts = (tmp_path / "all" / "held_out_prompts.txt").read_text(encoding="utf-8").splitlines()
+    assert {parse_prompt(p) for p in prompts} == {("black", s) for s in SHAPES}
+    # the classifier knows the concept colour
+    img = render_shape(ShapeSpec("black", "square", 0.5, 0.5, 0.3), 32)
+    assert (classify_image(img).colour, classify_image(img).shape) == ("black", "square")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"colours": ["mauve"]}, "unknown ['mauve']"),
+        ({"colours": ["black"], "held_out": ["red circle"]}, "colours this dataset does not draw"),
+        ({"held_out": ["red blob"]}, "is not '<colour> <shape>'"),
+        ({"colours": ["black"], "held_out": [f"black {s}" for s in SHAPES]}, "no colour x shape"),
+    ],
+)
+def test_concept_dataset_errors_name_the_problem(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        write_shapes_dataset(tmp_path / "x", n=5, **kwargs)

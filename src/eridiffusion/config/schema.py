@@ -139,6 +139,12 @@ class SyntheticConfig(Strict):
     n: int = Field(default=2000, ge=1)
     resolution: int = Field(default=32, ge=8)
     seed: int = 0
+    colours: list[str] | None = Field(
+        default=None, description="only these colours (may include new-concept ones: black); null: the six"
+    )
+    held_out: list[str] | None = Field(
+        default=None, description="'colour shape' pairs never drawn; null: the default held-out pairs"
+    )
 
 
 class DatasetConfig(Strict):
@@ -250,10 +256,17 @@ class AutoencoderStageConfig(Strict):
     """Loss settings of an ``autoencoder`` step (reconstruction + KL + optional patch-GAN)."""
 
     kl_weight: float = Field(default=1e-6, ge=0)
+    mse_weight: float = Field(
+        default=0.0, ge=0, description="add this x MSE to the L1 reconstruction loss (punishes colour shifts)"
+    )
     discriminator: bool = Field(default=False, description="train a patch-GAN discriminator alongside")
     disc_weight: float = Field(default=0.1, ge=0)
     disc_start: int = Field(default=0, ge=0, description="steps of this stage before the GAN terms start")
     disc_channels: int = Field(default=32, ge=8)
+    latent_norm: Literal["global", "channel"] = Field(
+        default="global",
+        description="global: scaling_factor = 1/std (Stable Diffusion); channel: per-channel mean/std (tiny)",
+    )
 
 
 class StageConfig(Strict):
@@ -275,6 +288,12 @@ class StageConfig(Strict):
     network: NetworkConfig | None = Field(default=None, description="adapter for a `lora` component")
     autoencoder: AutoencoderStageConfig = Field(default_factory=AutoencoderStageConfig)
     datasets: list[DatasetConfig] | None = Field(default=None, description="null: the job's datasets")
+    ema: EMAConfig | None = Field(
+        default=None, description="null: train.ema; averages the trainable weights, not a discriminator"
+    )
+    eval: EvalConfig | None = Field(
+        default=None, description="score the step's result (prompt adherence) into the pipeline summary"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StageConfig:

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from eridiffusion.data.folder import FolderSource
 from eridiffusion.data.loader import PRELOAD_BYTES, TrainingData
 from eridiffusion.models.protocol import ModelFamily
+from eridiffusion.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def build_latent_cache(data: TrainingData, family: ModelFamily, device: torch.de
     for entry in todo:
         view = data.views[entry[0]]
         by_size[(view.width, view.height)].append(entry)
-    bar = tqdm(total=len(todo), desc="caching latents", disable=not progress or not todo, dynamic_ncols=True)
+    bar = progress_bar(len(todo), "caching latents", progress and bool(todo))
     for size in sorted(by_size):
         for chunk in _chunks(by_size[size], data.batch_size):
             pixels = torch.stack([data.view_pixels(v, None, flip) for v, flip, _ in chunk])
@@ -187,9 +187,7 @@ def build_text_cache(data: TrainingData, family: ModelFamily, device: torch.devi
             if not path.is_file():
                 todo[caption] = path
     pending = sorted(todo)
-    bar = tqdm(
-        total=len(pending), desc="caching text", disable=not progress or not pending, dynamic_ncols=True
-    )
+    bar = progress_bar(len(pending), "caching text", progress and bool(pending))
     for chunk in _chunks(pending, data.batch_size):
         cond = family.encode_prompt(chunk)
         for row, caption in enumerate(chunk):

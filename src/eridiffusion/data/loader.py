@@ -142,7 +142,12 @@ def open_sources(configs: Sequence[DatasetConfig]) -> list[ImageSource]:
         if cfg.synthetic is not None and not folder.exists():
             syn = cfg.synthetic
             logger.info("generating synthetic %s dataset in %s", syn.kind, folder)
-            write_shapes_dataset(folder, n=syn.n, resolution=syn.resolution, seed=syn.seed)
+            try:
+                write_shapes_dataset(
+                    folder, syn.n, syn.resolution, syn.seed, colours=syn.colours, held_out=syn.held_out
+                )
+            except ValueError as exc:
+                raise DatasetError(f"datasets[{i}].synthetic.{exc}") from None
         try:
             sources.append(FolderSource(scan_folder(folder, cfg.caption_ext)))
         except DatasetError as exc:

@@ -30,6 +30,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 190),
     "cyan": (30, 190, 200),
 }
+CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {"black": (30, 30, 30)}
+"""Colours the default dataset never shows: a dataset of them teaches a trained model a new concept (the
+quickstart's LoRA step). Black sits far from every base colour and from the background."""
+ALL_COLOURS = {**COLOURS, **CONCEPT_COLOURS}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (235, 235, 235)
 HELD_OUT: tuple[tuple[str, str], ...] = (("red", "triangle"), ("green", "circle"), ("blue", "square"))
@@ -76,7 +80,7 @@ def render_shape(spec: ShapeSpec, resolution: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     x0, y0 = (spec.cx - spec.size) * side, (spec.cy - spec.size) * side
     x1, y1 = (spec.cx + spec.size) * side, (spec.cy + spec.size) * side
-    fill = COLOURS[spec.colour]
+    fill = ALL_COLOURS[spec.colour]
     if spec.shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif spec.shape == "square":
@@ -106,19 +110,49 @@ def caption_for(spec: ShapeSpec) -> str:
     return f"a {_size_word(spec.size)} {spec.colour} {spec.shape} {_position_words(spec.cx, spec.cy)}"
 
 
-def training_combos() -> list[tuple[str, str]]:
-    """Every colour x shape pair that may appear in training data (all but HELD_OUT)."""
-    return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT]
+def training_combos(
+    colours: Sequence[str] | None = None, excluded: Sequence[tuple[str, str]] = HELD_OUT
+) -> list[tuple[str, str]]:
+    """Every colour x shape pair that may appear in training data (all but the excluded ones)."""
+    return [(c, s) for c in (colours or COLOURS) for s in SHAPES if (c, s) not in excluded]
 
 
-def sample_specs(n: int, seed: int, held_out: bool = False) -> list[ShapeSpec]:
+def parse_combos(pairs: Sequence[str], where: str = "held_out") -> list[tuple[str, str]]:
+    """'colour shape' strings (as in the YAML / CLI) to pairs; unknown words are an error naming them."""
+    out = []
+    for pair in pairs:
+        words = pair.split()
+        if len(words) != 2 or words[0] not in ALL_COLOURS or words[1] not in SHAPES:
+            raise ValueError(
+                f"{where}: {pair!r} is not '<colour> <shape>' with colour in {sorted(ALL_COLOURS)} and "
+                f"shape in {list(SHAPES)}"
+            )
+        out.append((words[0], words[1]))
+    return out
+
+
+def check_colours(colours: Sequence[str]) -> None:
+    unknown = sorted(set(colours) - set(ALL_COLOURS))
+    if unknown or not colours:
+        raise ValueError(f"colours: unknown {unknown or 'none given'}; choose from {sorted(ALL_COLOURS)}")
+
+
+def sample_specs(
+    n: int,
+    seed: int,
+    held_out: bool = False,
+    colours: Sequence[str] | None = None,
+    excluded: Sequence[tuple[str, str]] = HELD_OUT,
+) -> list[ShapeSpec]:
     """Draw n specs, balanced over the allowed combinations so no colour or shape is under-represented.
 
     The combinations are cycled through, reshuffled each cycle, which keeps counts within one of each other
-    while still mixing the order a sequential loader sees.
+    while still mixing the order a sequential loader sees. ``held_out`` draws only the excluded ones.
     """
     rng = np.random.default_rng(seed)
-    combos = list(HELD_OUT) if held_out else training_combos()
+    combos = list(excluded) if held_out else training_combos(colours, excluded)
+    if not combos:
+        raise ValueError("no colour x shape combination is left to draw; hold out fewer")
     specs: list[ShapeSpec] = []
     while len(specs) < n:
         for k in rng.permutation(len(combos)):
@@ -132,10 +166,10 @@ def sample_specs(n: int, seed: int, held_out: bool = False) -> list[ShapeSpec]:
     return specs
 
 
-def held_out_prompts() -> list[str]:
+def held_out_prompts(combos: Sequence[tuple[str, str]] = HELD_OUT) -> list[str]:
     """Evaluation prompts for the held-out combinations: the bare phrase plus fixed size/position variants."""
     prompts: list[str] = []
-    for colour, shape in HELD_OUT:
+    for colour, shape in combos:
         prompts += [
             f"a {colour} {shape}",
             f"a large {colour} {shape} in the center",
@@ -145,16 +179,18 @@ def held_out_prompts() -> list[str]:
     return prompts
 
 
-def _dataset_meta(n: int, resolution: int, seed: int) -> dict[str, Any]:
+def _dataset_meta(
+    n: int, resolution: int, seed: int, colours: Sequence[str], held: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
     return {
         "format": DATASET_FORMAT,
         "version": DATASET_VERSION,
         "resolution": resolution,
         "n": n,
         "seed": seed,
-        "colours": {k: list(v) for k, v in COLOURS.items()},
+        "colours": {k: list(ALL_COLOURS[k]) for k in colours},
         "shapes": list(SHAPES),
-        "held_out": [list(c) for c in HELD_OUT],
+        "held_out": [list(c) for c in held],
     }
 
 
@@ -166,8 +202,19 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def write_shapes_dataset(out_dir: Path, n: int = 2000, resolution: int = 32, seed: int = 0) -> int:
-    """Write the training folder (NNNNN.png + NNNNN.txt), the held-out prompts and dataset.json.
+def write_shapes_dataset(
+    out_dir: Path,
+    n: int = 2000,
+    resolution: int = 32,
+    seed: int = 0,
+    colours: Sequence[str] | None = None,
+    held_out: Sequence[str] | None = None,
+) -> int:
+    """Write the training folder (NNNNN.png + NNNNN.txt), the evaluation prompts and dataset.json.
+
+    ``colours`` restricts the dataset (e.g. ``["black"]`` for a new-concept set); ``held_out`` lists the
+    'colour shape' pairs never drawn (default: HELD_OUT's pairs of those colours). The prompts file holds the
+    held-out pairs, or every pair of the dataset when none is held out, so it always says what to check.
 
     Refuses to write into a folder holding anything else, so a mistyped path never mixes shapes into (or
     overwrites) a user's own data. dataset.json is written last: its presence with identical content means
@@ -177,8 +224,17 @@ def write_shapes_dataset(out_dir: Path, n: int = 2000, resolution: int = 32, see
         raise ValueError(f"n must be at least 1, got {n}")
     if resolution < 8:
         raise ValueError(f"resolution must be at least 8, got {resolution}")
+    names = list(colours or COLOURS)
+    check_colours(names)
+    if held_out is None:
+        held = [c for c in HELD_OUT if c[0] in names]
+    else:
+        held = parse_combos(held_out)
+        stray = [f"{c} {s}" for c, s in held if c not in names]
+        if stray:
+            raise ValueError(f"held_out: {stray} use colours this dataset does not draw ({names})")
     out_dir = Path(out_dir)
-    meta = _dataset_meta(n, resolution, seed)
+    meta = _dataset_meta(n, resolution, seed, names, held)
     stems = [f"{i:05d}" for i in range(n)]
     expected = {f"{s}{ext}" for s in stems for ext in (".png", ".txt")} | {PROMPTS_FILE, META_FILE}
     if out_dir.exists():
@@ -197,10 +253,11 @@ def write_shapes_dataset(out_dir: Path, n: int = 2000, resolution: int = 32, see
             return n
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)
-    for stem, spec in zip(stems, sample_specs(n, seed), strict=True):
+    for stem, spec in zip(stems, sample_specs(n, seed, colours=names, excluded=held), strict=True):
         render_shape(spec, resolution).save(out_dir / f"{stem}.png", compress_level=1)
         (out_dir / f"{stem}.txt").write_text(caption_for(spec) + "\n", encoding="utf-8")
-    (out_dir / PROMPTS_FILE).write_text("\n".join(held_out_prompts()) + "\n", encoding="utf-8")
+    prompts = held_out_prompts(held or training_combos(names, held))
+    (out_dir / PROMPTS_FILE).write_text("\n".join(prompts) + "\n", encoding="utf-8")
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %d shapes images (%d px) to %s", n, resolution, out_dir)
     return n
@@ -213,7 +270,7 @@ def _singular(word: str) -> str:
 def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
     """The (colour, shape) a prompt asks for, by whole-word match; None where the prompt names none."""
     words = [_singular(w) for w in re.findall(r"[a-z]+", prompt.lower())]
-    colour = next((w for w in words if w in COLOURS), None)
+    colour = next((w for w in words if w in ALL_COLOURS), None)
     shape = next((w for w in words if w in SHAPES), None)
     return colour, shape
 
@@ -275,7 +332,7 @@ def _nearest_colour(rgb: np.ndarray) -> str:
     bg = np.asarray(BACKGROUND, dtype=np.float64)
     offset = rgb - bg
     best, best_dist = "", np.inf
-    for name, value in COLOURS.items():
+    for name, value in ALL_COLOURS.items():
         direction = np.asarray(value, dtype=np.float64) - bg
         t = max(0.0, float(offset @ direction) / float(direction @ direction))
         dist = float(np.linalg.norm(offset - t * direction))

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from eridiffusion.data.shapes import score_images
+from eridiffusion.config.schema import DatasetConfig, EvalConfig
+from eridiffusion.data.shapes import PROMPTS_FILE, score_images
 from eridiffusion.inference.generate import GenerateRequest, make_grid, sample, to_pil, upscale_nearest
 from eridiffusion.models.protocol import ModelFamily
 
@@ -24,6 +25,16 @@ class EvalSettings:
     guidance_scale: float = 4.0
     sampler: str = "ddim"
     seed: int = 1234
+
+    @classmethod
+    def from_config(cls, e: EvalConfig, images_per_prompt: int | None = None) -> EvalSettings:
+        return cls(images_per_prompt or e.images_per_prompt, e.steps, e.guidance_scale, e.sampler, e.seed)
+
+
+def prompts_path(e: EvalConfig, datasets: list[DatasetConfig], override: str | None = None) -> Path:
+    """The prompts to score: given explicitly, else the first dataset's held-out prompts file (which the
+    synthetic shapes writer puts there)."""
+    return Path(override or e.prompts_file or Path(datasets[0].folder_path or ".") / PROMPTS_FILE)
 
 
 def read_prompts(path: Path) -> list[str]:

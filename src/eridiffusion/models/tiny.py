@@ -210,14 +210,27 @@ class TinyFamily:
         if self.vae is None:
             return F.pixel_unshuffle(pixels, self.options.patch_size)
         # the posterior mean: deterministic latents, so data order alone fixes a training run
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
-        return latents.float() * self.vae.config.scaling_factor
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean.float()
+        mean, std = self._channel_stats(latents)
+        return (latents - mean) / std * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return F.pixel_shuffle(latents, self.options.patch_size)
-        scaled = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
-        return self.vae.decode(scaled).sample.float()
+        mean, std = self._channel_stats(latents)
+        raw = latents / self.vae.config.scaling_factor * std + mean
+        return self.vae.decode(raw.to(self.vae.dtype)).sample.float()
+
+    def _channel_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel latent mean/std when an autoencoder step calibrated them (``latents_mean`` /
+        ``latents_std`` in the VAE config, as diffusers stores them); else the identity."""
+        assert self.vae is not None
+        cfg = self.vae.config
+        if cfg.get("latents_mean") is None or cfg.get("latents_std") is None:
+            return torch.zeros((), device=like.device), torch.ones((), device=like.device)
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).reshape(shape)
+        return mean, torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).reshape(shape)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         # a frozen text encoder may be stored in bf16/fp16 (model.dtype) while the UNet trains in fp32

@@ -10,6 +10,7 @@ reconstructions are good enough for its gradients to be useful.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,9 @@ class AutoencoderLossConfig:
     disc_weight: float = 0.1
     disc_start: int = 0
     """Optimizer steps before the adversarial terms switch on."""
+    mse_weight: float = 0.0
+    """L1 alone moves every pixel by the same push however wrong it is, so a small object with a wrong colour
+    is fixed late; a squared term weights such large errors up."""
 
 
 def generator_loss(
@@ -57,6 +61,8 @@ def generator_loss(
     latents = posterior.mean + posterior.std * noise
     recon = vae.decode(latents).sample
     rec = F.l1_loss(recon, pixels)
+    if cfg.mse_weight:
+        rec = rec + cfg.mse_weight * F.mse_loss(recon, pixels)
     kl = posterior.kl().mean() / pixels[0].numel()
     loss = rec + cfg.kl_weight * kl
     metrics = {"rec_loss": rec.item(), "kl": kl.item()}
@@ -79,8 +85,21 @@ def discriminator_loss(
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
-    """1 / std of the latents of ``pixels``, as Stable Diffusion set its 0.18215: unit-variance diffusion
-    inputs whatever the autoencoder learned."""
-    latents = vae.encode(pixels).latent_dist.mean
+def calibration_latents(vae: AutoencoderKL, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Posterior means of several pixel batches, encoded one batch at a time to bound memory."""
+    return torch.cat([vae.encode(pixels).latent_dist.mean.float().cpu() for pixels in batches])
+
+
+def latent_channel_statistics(latents: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std. A learned autoencoder spreads information unevenly (one channel may vary
+    5x less than another); standardising each channel gives every one the same signal-to-noise ratio under
+    the diffusion schedule, so none is decided only in the last sampling steps."""
+    mean = latents.mean(dim=(0, 2, 3))
+    std = latents.std(dim=(0, 2, 3)).clamp(min=1e-6)
+    return mean.tolist(), std.tolist()
+
+
+def latent_scaling_factor(latents: torch.Tensor) -> float:
+    """1 / std of the latents, as Stable Diffusion set its 0.18215: unit-variance diffusion inputs whatever
+    the autoencoder learned."""
     return float(1.0 / latents.float().std().clamp(min=1e-6))

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from eridiffusion.config.load import dump_config
 from eridiffusion.config.schema import JobConfig
@@ -31,6 +29,7 @@ from eridiffusion.inference.generate import GenerateRequest, make_grid, sample, 
 from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models import ModelFamily, build_family, load_family
 from eridiffusion.networks import attach_network, export_network
+from eridiffusion.progress import progress_bar
 from eridiffusion.training.checkpoint import CheckpointManager, TrainState, atomic_write_dir
 from eridiffusion.training.ema import EMA
 from eridiffusion.training.losses import min_snr_weights, per_sample_loss
@@ -270,16 +269,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     resumed_from = _resume(cfg, ckpts, state, params, optimizer, ema)
 
     log = _Logger(run_dir, cfg.logging.tensorboard)
-    # a bar redrawn 5x a second floods CI logs and files: off a terminal, refresh every 30 s instead
-    interactive = sys.stderr.isatty()
-    bar = tqdm(
-        total=t.steps,
-        initial=state.step,
-        disable=not cfg.logging.progress,
-        desc=cfg.name,
-        dynamic_ncols=True,
-        mininterval=0.2 if interactive else 30.0,
-    )
+    bar = progress_bar(t.steps, cfg.name, cfg.logging.progress, state.step)
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )

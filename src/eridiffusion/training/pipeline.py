@@ -22,20 +22,26 @@ import torch
 from torch import nn
 
 from eridiffusion.config.schema import DatasetConfig, GroupConfig, JobConfig, OptimizerConfig, StageConfig
+from eridiffusion.data.cache import EncoderOffload, encoder_names, prepare_caches
 from eridiffusion.data.folder import IMAGE_EXTENSIONS
 from eridiffusion.data.loader import TrainingData
 from eridiffusion.device import resolve_device
+from eridiffusion.inference.evaluate import EvalSettings, evaluate, prompts_path, read_prompts
 from eridiffusion.models import ModelFamily, load_family
 from eridiffusion.networks import attach_network, export_network, merge_adapters
 from eridiffusion.networks.adapters import lora_parameter_count
+from eridiffusion.progress import progress_bar
 from eridiffusion.training.autoencoder import (
     AutoencoderLossConfig,
     PatchDiscriminator,
+    calibration_latents,
     discriminator_loss,
     generator_loss,
+    latent_channel_statistics,
     latent_scaling_factor,
 )
 from eridiffusion.training.checkpoint import CheckpointManager, TrainState, atomic_write_dir
+from eridiffusion.training.ema import EMA
 from eridiffusion.training.loop import (
     NonFiniteLossError,
     TrainResult,
@@ -88,6 +94,7 @@ def pipeline_snapshot(cfg: JobConfig) -> dict[str, Any]:
                 "model": cfg.model.model_dump(mode="json"),
                 "datasets": [d.model_dump(mode="json") for d in cfg.datasets],
                 "seed": cfg.train.seed,
+                "ema": cfg.train.ema.model_dump(mode="json"),
             }
         )
     )
@@ -133,11 +140,43 @@ def stage_parameter_counts(family: ModelFamily, stage: StageConfig) -> dict[str,
     return counts
 
 
+def _stage_datasets(cfg: JobConfig, stage: StageConfig) -> list[DatasetConfig]:
+    """The step's datasets; an autoencoder step trains on pixels, so latent/text caches do not apply."""
+    datasets = stage.datasets or cfg.datasets
+    if stage.kind == "autoencoder":
+        off = {"cache_latents_to_disk": False, "cache_text_embeddings": False}
+        return [d.model_copy(update=off) for d in datasets]
+    return datasets
+
+
 def _stage_data(cfg: JobConfig, stage: StageConfig, index: int, family: ModelFamily) -> TrainingData:
     batch = stage.batch_size or cfg.train.batch_size
     return TrainingData(
-        stage.datasets or cfg.datasets, batch, cfg.train.seed + 1000 * index, family.size_multiple()
+        _stage_datasets(cfg, stage), batch, cfg.train.seed + 1000 * index, family.size_multiple()
     )
+
+
+def _cache_problems(family: ModelFamily, stage: StageConfig, where: str, cfg: JobConfig) -> list[str]:
+    """A cache stands in for an encoder, so the encoder must stay frozen for the whole step."""
+    if stage.kind == "autoencoder":
+        return []
+    datasets = stage.datasets or cfg.datasets
+    image_names, text_names = encoder_names(family)
+    problems = []
+    if any(d.cache_latents_to_disk for d in datasets):
+        trained = sorted(set(stage.trainable) & set(image_names))
+        if trained:
+            problems.append(
+                f"{where}: cache_latents_to_disk needs a frozen {'/'.join(trained)}; this step trains it"
+            )
+    if any(d.cache_text_embeddings for d in datasets):
+        trained = sorted(set(stage.trainable) & set(text_names))
+        if trained:
+            problems.append(
+                f"{where}: cache_text_embeddings needs frozen text encoders; this step trains "
+                f"{', '.join(trained)} (turn the text cache off for this step)"
+            )
+    return problems
 
 
 def plan_stages(cfg: JobConfig, family: ModelFamily) -> tuple[list[StagePlan], list[str]]:
@@ -158,13 +197,14 @@ def plan_stages(cfg: JobConfig, family: ModelFamily) -> tuple[list[StagePlan], l
                 f"{where}: kind autoencoder needs a model with a vae "
                 "(tiny: model.options.latent: autoencoder)"
             )
+        if stage.autoencoder.latent_norm == "channel" and family.arch != "tiny":
+            problems.append(
+                f"{where}: autoencoder.latent_norm channel is read by the tiny family only; "
+                f"{family.arch} uses the global scaling_factor"
+            )
         if stage.kind == "autoencoder" and set(stage.trainable) - {"vae", "discriminator"}:
             problems.append(f"{where}: an autoencoder step trains only vae and discriminator")
-        if any(d.cache_latents_to_disk or d.cache_text_embeddings for d in stage.datasets or cfg.datasets):
-            problems.append(
-                f"{where}: latent/text caches are not available in pipelines yet; turn off "
-                "cache_latents_to_disk and cache_text_embeddings"
-            )
+        problems += _cache_problems(family, stage, where, cfg)
         if "discriminator" in stage.trainable and not stage.autoencoder.discriminator:
             problems.append(f"{where}: trainable discriminator needs autoencoder.discriminator: true")
         images, data_problems = estimate_images(stage.datasets or cfg.datasets, f"{where}.datasets")
@@ -203,9 +243,20 @@ class _Stage:
     optimizers: _OptimizerSet
     data: TrainingData
     discriminator: PatchDiscriminator | None
+    ema: EMA | None
+    offload: EncoderOffload
 
     def params(self) -> dict[str, nn.Parameter]:
         return {k: p for group in self.groups.values() for k, p in group.items()}
+
+    def ema_params(self) -> dict[str, nn.Parameter]:
+        """What the EMA averages: the model's trainable weights; a discriminator is only a training aid."""
+        return {k: p for c, group in self.groups.items() if c != "discriminator" for k, p in group.items()}
+
+    def adopt_ema(self) -> None:
+        """Make the averaged weights the step's result (what is saved, sampled and passed on)."""
+        if self.ema is not None:
+            self.ema.swap_into(self.ema_params())
 
 
 def _group_config(cfg: JobConfig, stage: StageConfig, component: str) -> GroupConfig:
@@ -258,7 +309,12 @@ def _setup_stage(cfg: JobConfig, family: ModelFamily, plan: StagePlan, device: t
     group_cfgs = {comp: _group_config(cfg, stage, comp) for comp in groups}
     optimizers = {comp: _build_group_optimizer(params, group_cfgs[comp]) for comp, params in groups.items()}
     data = _stage_data(cfg, stage, plan.index, family)
-    return _Stage(plan, groups, group_cfgs, _OptimizerSet(optimizers), data, disc)
+    offload = prepare_caches(data, family, device, cfg.logging.progress)
+    ema_cfg = stage.ema or cfg.train.ema
+    live = _Stage(plan, groups, group_cfgs, _OptimizerSet(optimizers), data, disc, None, offload)
+    if ema_cfg.enabled:
+        live.ema = EMA(live.ema_params(), ema_cfg.decay, ema_cfg.warmup)
+    return live
 
 
 def _stage_dir(run_dir: Path, plan: StagePlan) -> Path:
@@ -325,7 +381,7 @@ def _train_step(
         pixels = batch.pixels.to(device)
         vae = family.modules()["vae"]
         a = stage.autoencoder
-        loss_cfg = AutoencoderLossConfig(a.kl_weight, a.disc_weight, a.disc_start)
+        loss_cfg = AutoencoderLossConfig(a.kl_weight, a.disc_weight, a.disc_start, a.mse_weight)
         loss, recon, metrics = generator_loss(
             vae, pixels, live.discriminator, state.stage_step, loss_cfg, gen
         )
@@ -352,6 +408,12 @@ def _train_step(
     return {"loss": total}
 
 
+def _update_ema(live: _Stage, state: TrainState) -> None:
+    if live.ema is not None:
+        live.ema.update(live.ema_params())
+        state.ema_updates = live.ema.num_updates
+
+
 def _check_finite(loss: torch.Tensor, state: TrainState) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
@@ -375,8 +437,14 @@ def _finish_stage(cfg: JobConfig, family: ModelFamily, live: _Stage, device: tor
     if stage.kind == "autoencoder":
         vae = family.modules()["vae"]
         vae.eval()
-        sample = live.data.batch(0).pixels.to(device)
-        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, sample))
+        # a few hundred images: one batch would make per-channel statistics noisy
+        count = min(live.data.batches_per_epoch, max(1, 256 // live.plan.batch_size))
+        latents = calibration_latents(vae, (live.data.batch(k).pixels.to(device) for k in range(count)))
+        if stage.autoencoder.latent_norm == "channel":
+            mean, std = latent_channel_statistics(latents)
+            vae.register_to_config(scaling_factor=1.0, latents_mean=mean, latents_std=std)
+        else:
+            vae.register_to_config(scaling_factor=latent_scaling_factor(latents))
     if "lora" in stage.trainable:
         assert stage.network is not None
         export_network(
@@ -392,11 +460,80 @@ def _finish_stage(cfg: JobConfig, family: ModelFamily, live: _Stage, device: tor
     return out
 
 
+def _evaluate_stage(
+    cfg: JobConfig, family: ModelFamily, live: _Stage, device: torch.device
+) -> dict[str, float]:
+    """Prompt adherence of the step's result; the report and grid go beside the step's model."""
+    e = live.plan.config.eval
+    assert e is not None
+    out = _stage_dir(cfg.run_dir, live.plan)
+    path = prompts_path(e, _stage_datasets(cfg, live.plan.config))
+    report = evaluate(
+        family, read_prompts(path), EvalSettings.from_config(e), device, grid_path=out / "eval_grid.png"
+    )
+    report["prompts_file"] = str(path)
+    (out / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    scores = {k: report[f"{k}_accuracy"] for k in ("colour", "shape", "both")}
+    return {f"eval_{k}": v for k, v in scores.items() if v is not None}
+
+
+def _resume_stage(
+    live: _Stage,
+    saved: tuple[TrainState, dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None],
+    path: Path | None,
+) -> None:
+    state, weights, opt_state, ema_state = saved
+    with torch.no_grad():
+        for name, p in live.params().items():
+            p.copy_(weights[name].to(p.dtype))
+    live.optimizers.load_state_dict(opt_state)
+    if live.ema is not None:
+        if ema_state is None:
+            raise RuntimeError(f"checkpoint '{path}' has no EMA weights but this pipeline step uses EMA")
+        live.ema.load_state_dict(ema_state, state.ema_updates)
+
+
+def _run_stage(
+    cfg: JobConfig,
+    family: ModelFamily,
+    live: _Stage,
+    state: TrainState,
+    device: torch.device,
+    ckpts: CheckpointManager,
+    log: _Logger,
+    on_step: Callable[[TrainState], None] | None,
+) -> dict[str, float]:
+    """Optimizer steps until the stage's transition fires; returns the last step's metrics."""
+    plan = live.plan
+    bar = progress_bar(plan.steps, f"{cfg.name}/{plan.config.name}", cfg.logging.progress, state.stage_step)
+    metrics: dict[str, float] = {}
+    try:
+        done = False
+        while not done:
+            metrics = _train_step(cfg, family, live, state, device)
+            _update_ema(live, state)
+            state.stage_step += 1
+            state.step += 1
+            state.last_loss = metrics.get("loss", state.last_loss)
+            done = _transition_done(plan, state, metrics, live.data)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in list(metrics.items())[:3]}, refresh=False)
+            if state.stage_step % cfg.logging.log_every == 0 or done:
+                log.log(state.step, {**metrics, "stage_step": state.stage_step}, group=plan.config.name)
+            if state.step % cfg.save.every == 0 and not done:
+                trainable = {k: p.detach().float() for k, p in live.params().items()}
+                ema_state = live.ema.state_dict() if live.ema is not None else None
+                ckpts.save(state, trainable, live.optimizers, ema_state)
+            if on_step is not None:
+                on_step(state)
+    finally:
+        bar.close()
+    return metrics
+
+
 def run_pipeline(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -> TrainResult:
     """Run (or resume) every stage of ``cfg.pipeline`` in order."""
     assert cfg.pipeline is not None
-    if cfg.train.ema.enabled:
-        raise ValueError("train.ema is not supported with a pipeline yet; set train.ema.enabled: false")
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device, "train.device")
@@ -428,39 +565,28 @@ def run_pipeline(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = 
             family = _model_at_stage(cfg, plans, plan.index).to(device)
             live = _setup_stage(cfg, family, plan, device)
             if saved is not None and state.stage == plan.index and state.stage_step > 0:
-                _, weights, opt_state, _ = saved
-                with torch.no_grad():
-                    for name, p in live.params().items():
-                        p.copy_(weights[name].to(p.dtype))
-                live.optimizers.load_state_dict(opt_state)
+                _resume_stage(live, saved, resume)
                 logger.info("resumed pipeline step %s at its step %d", plan.config.name, state.stage_step)
             saved = None
             state.stage_name = plan.config.name
             started = time.perf_counter()
-            metrics: dict[str, float] = {}
-            done = False
-            while not done:
-                metrics = _train_step(cfg, family, live, state, device)
-                state.stage_step += 1
-                state.step += 1
-                state.last_loss = metrics.get("loss", state.last_loss)
-                done = _transition_done(plan, state, metrics, live.data)
-                if state.stage_step % cfg.logging.log_every == 0 or done:
-                    log.log(state.step, {**metrics, "stage_step": state.stage_step}, group=plan.config.name)
-                if state.step % cfg.save.every == 0 and not done:
-                    trainable = {k: p.detach().float() for k, p in live.params().items()}
-                    ckpts.save(state, trainable, live.optimizers, None)
-                if on_step is not None:
-                    on_step(state)
-            _finish_stage(cfg, family, live, device)
-            if plan.config.kind == "diffusion":
-                save_samples(family, cfg, state.step, device)
+            metrics = _run_stage(cfg, family, live, state, device, ckpts, log, on_step)
+            seconds = round(time.perf_counter() - started, 2)
+            live.adopt_ema()
+            with live.offload.restored():
+                _finish_stage(cfg, family, live, device)
+                if plan.config.kind == "diffusion":
+                    save_samples(family, cfg, state.step, device)
+                scores = _evaluate_stage(cfg, family, live, device) if plan.config.eval else {}
             state.stages_done[plan.config.name] = {
                 "steps": state.stage_step,
-                "seconds": round(time.perf_counter() - started, 2),
+                "seconds": seconds,
+                "finish_seconds": round(time.perf_counter() - started - seconds, 2),
                 **{f"final_{k}": v for k, v in metrics.items()},
+                **scores,
             }
             state.stage, state.stage_step, state.stage_micro_batches, state.watch = plan.index + 1, 0, 0, {}
+            state.ema_updates = 0
             ckpts.save(state, {}, _OptimizerSet({}), None)  # a stage boundary: the next starts fresh
     finally:
         log.close()
