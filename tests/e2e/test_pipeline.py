@@ -223,7 +223,10 @@ def test_a_concept_step_on_its_own_dataset_is_scored_into_the_summary(tmp_path: 
             "synthetic": {"n": 16, "resolution": 16, "colours": ["black"], "held_out": ["black triangle"]},
         }
     ]
+    # regularisation images from the folder the job's dataset generates: no need to repeat `synthetic`
+    concept["datasets"].append({"folder_path": str(tmp_path / "shapes"), "resolution": 16, "is_reg": True})
     concept["eval"] = {"images_per_prompt": 1, "steps": 2}
+    assert not (tmp_path / "shapes").exists()
     assert main(["train", str(write_yaml(tmp_path / "c.yaml", job))]) == 0
     run = tmp_path / "output" / "c"
     summary = json.loads((run / "pipeline_summary.json").read_text())

@@ -105,9 +105,24 @@ def changed_paths(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def estimate_images(datasets: list[DatasetConfig], where: str) -> tuple[int, list[str]]:
+def generated_folders(cfg: JobConfig) -> dict[str, int]:
+    """Folders some dataset entry of the job generates (``synthetic``), with their image counts: a later
+    pipeline step may read such a folder without repeating the ``synthetic`` section."""
+    lists = [cfg.datasets, *(s.datasets or [] for s in (cfg.pipeline.steps if cfg.pipeline else []))]
+    return {
+        str(Path(d.folder_path)): d.synthetic.n
+        for datasets in lists
+        for d in datasets
+        if d.synthetic is not None and d.folder_path is not None
+    }
+
+
+def estimate_images(
+    datasets: list[DatasetConfig], where: str, generated: dict[str, int] | None = None
+) -> tuple[int, list[str]]:
     """Images per epoch (with repeats) without reading or generating anything; (count, problems)."""
     images, problems = 0, []
+    generated = generated or {}
     for i, d in enumerate(datasets):
         if d.folder_path is None:  # tar shards: counted when they are indexed at train time
             continue
@@ -119,6 +134,8 @@ def estimate_images(datasets: list[DatasetConfig], where: str) -> tuple[int, lis
             images += found * d.num_repeats
         elif d.synthetic is not None:
             images += d.synthetic.n * d.num_repeats
+        elif str(folder) in generated:
+            images += generated[str(folder)] * d.num_repeats
         else:
             problems.append(f"{where}[{i}].folder_path: '{folder}' does not exist")
     return images, problems
@@ -207,7 +224,9 @@ def plan_stages(cfg: JobConfig, family: ModelFamily) -> tuple[list[StagePlan], l
         problems += _cache_problems(family, stage, where, cfg)
         if "discriminator" in stage.trainable and not stage.autoencoder.discriminator:
             problems.append(f"{where}: trainable discriminator needs autoencoder.discriminator: true")
-        images, data_problems = estimate_images(stage.datasets or cfg.datasets, f"{where}.datasets")
+        images, data_problems = estimate_images(
+            stage.datasets or cfg.datasets, f"{where}.datasets", generated_folders(cfg)
+        )
         problems += data_problems
         batch = stage.batch_size or cfg.train.batch_size
         if images < batch:
