@@ -14,8 +14,12 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eridiffusion.config import ConfigError, JobConfig, load_config
+
+if TYPE_CHECKING:
+    from eridiffusion.inference.memory import MemoryOptions
 
 logger = logging.getLogger("eridiffusion")
 
@@ -68,6 +72,37 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """The memory options ``eri generate`` and ``eri serve`` share (see inference.memory)."""
+    g = p.add_argument_group("memory", "trade speed for lower peak memory")
+    g.add_argument("--attention-slicing", default=None, help="auto, max or a slice size (UNet models)")
+    g.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    g.add_argument("--vae-tiling", action="store_true", help="decode large images in blended tiles")
+    g.add_argument("--vae-tile-size", type=int, default=None, help="tile side in pixels (default: VAE's)")
+    g.add_argument(
+        "--cpu-offload", action="store_true", help="keep models on the CPU, each on the device while it runs"
+    )
+    g.add_argument(
+        "--no-vae-upcast",
+        dest="vae_upcast",
+        action="store_false",
+        help="fail instead of redoing an fp16 VAE decode that overflowed in fp32",
+    )
+
+
+def memory_options(args: argparse.Namespace) -> MemoryOptions:
+    from eridiffusion.inference.memory import MemoryOptions, parse_attention_slicing
+
+    return MemoryOptions(
+        attention_slicing=parse_attention_slicing(args.attention_slicing),
+        vae_slicing=args.vae_slicing,
+        vae_tiling=args.vae_tiling,
+        vae_tile_size=args.vae_tile_size,
+        cpu_offload=args.cpu_offload,
+        vae_upcast=args.vae_upcast,
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -76,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from eridiffusion.networks import parse_adapter_arg
 
     model = Path(args.model)
-    generator = Generator({model.name: model}, device=args.device)
+    generator = Generator({model.name: model}, device=args.device, memory=memory_options(args))
     req = GenerateRequest(
         prompts=args.prompt,
         negative_prompt=args.negative,
@@ -97,6 +132,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         req.width, req.height = width, height
         req.init_image = pil_to_pixels(start, width, height)
         req.mask = pil_to_mask(Image.open(args.mask), width, height) if args.mask else None
+    if bool(args.controlnet) != bool(args.control_image):
+        raise ValueError(
+            "--controlnet and --control-image go together (a ControlNet needs its control image)"
+        )
+    if args.controlnet:
+        from eridiffusion.inference.controlnet import ControlUnit
+
+        hint = Image.open(args.control_image)
+        size = (req.width, req.height) if req.width and req.height else hint.size
+        unit = ControlUnit(
+            args.controlnet,
+            pil_to_pixels(hint, *size),
+            args.control_scale,
+            args.control_start,
+            args.control_end,
+        )
+        unit.check()
+        req.controls = [unit]
     loras = [(str(path), weight) for path, weight in map(parse_adapter_arg, args.lora)]
     result = generator.generate(req, loras=loras)
     out = Path(args.out)
@@ -123,6 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         memory_budget_bytes=budget,
         max_models=args.max_models,
         lora_dirs=[Path(d) for d in args.lora_dir],
+        controlnet_dirs=[Path(d) for d in args.controlnet_dir],
+        memory=memory_options(args),
     )
     settings = ServeSettings(
         max_width=args.max_size,
@@ -325,7 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", default=None, help="img2img start image (size defaults to its own)")
     p.add_argument("--strength", type=float, default=0.75, help="img2img: share of the schedule re-run")
     p.add_argument("--mask", default=None, help="inpaint mask image: white is repainted, black kept")
+    p.add_argument("--controlnet", default=None, help="ControlNet: diffusers folder or .safetensors file")
+    p.add_argument(
+        "--control-image",
+        default=None,
+        help="preprocessed control image (edges, depth...); resized to the output",
+    )
+    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
+    p.add_argument("--control-start", type=float, default=0.0, help="share of the steps before it applies")
+    p.add_argument("--control-end", type=float, default=1.0, help="share of the steps after which it stops")
     p.add_argument("--out", default="generated", help="output folder")
+    add_memory_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="HTTP API: native /v1 and A1111-compatible /sdapi/v1 (FastAPI)")
@@ -333,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", action="append", required=True, help="model folder/file, or a folder of them; repeatable"
     )
     p.add_argument("--lora-dir", action="append", default=[], help="folder of LoRA files listed by /loras")
+    p.add_argument(
+        "--controlnet-dir",
+        action="append",
+        default=[],
+        help="folder of ControlNets (diffusers folders, .safetensors) listed by /controlnet/model_list",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860, help="A1111's default port")
     p.add_argument("--device", default="auto")
@@ -343,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=2048, help="largest width/height")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-images", type=int, default=8, help="largest batch per request")
+    add_memory_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="rewrite an adapter file in another layout (kohya <-> diffusers)")

@@ -38,3 +38,17 @@ def test_generate_img2img_and_inpaint(tmp_path: Path, capsys: pytest.CaptureFixt
         main([*common, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "x")]) == EXIT_USER_ERROR
     )
     assert "--mask needs --init-image" in capsys.readouterr().err
+
+
+def test_generate_memory_flags_give_the_same_image(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    build_family("sd15", {"preset": "tiny"}, seed=0).save_pretrained(model)
+    common = ["generate", "--model", str(model), "--prompt", "a red circle", "--steps", "2", "--n", "2"]
+    assert main([*common, "--device", "cpu", "--out", str(tmp_path / "plain")]) == 0
+    memory = ["--attention-slicing", "auto", "--vae-slicing", "--cpu-offload", "--no-vae-upcast"]
+    assert main([*common, "--device", "cpu", *memory, "--out", str(tmp_path / "low")]) == 0
+    for name in ("0000-0.png", "0001-1.png"):
+        plain = np.asarray(Image.open(tmp_path / "plain" / name)).astype(int)
+        low = np.asarray(Image.open(tmp_path / "low" / name)).astype(int)
+        assert np.abs(plain - low).max() <= 1
+    assert main([*common, "--attention-slicing", "half", "--out", str(tmp_path / "x")]) == EXIT_USER_ERROR

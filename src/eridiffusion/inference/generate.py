@@ -11,14 +11,19 @@ input instead of running classifier-free guidance.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+from torch import nn
 
+from eridiffusion.inference.controlnet import Control, ControlUnit
+from eridiffusion.inference.inpaint import InpaintOptions, fill_latents
+from eridiffusion.inference.inpaint import prepare as prepare_inpaint
+from eridiffusion.inference.memory import MemoryOptions, decode
 from eridiffusion.inference.samplers import check_sampler, make_scheduler, resolve_sampler
 from eridiffusion.models.protocol import Conditioning, GuidanceEmbedding, ModelFamily
 
@@ -41,9 +46,13 @@ class GenerateRequest:
     1.0 keeps only the start image's composition in the masked area, 0.0 would run no step)."""
     mask: torch.Tensor | None = None
     """inpaint: (1, height, width) in [0, 1]; 1 is repainted, 0 keeps the start image."""
+    inpaint: InpaintOptions | None = None
+    """A1111's inpaint options (mask blur, fill, only-masked); applied by :func:`generate_pixels`."""
     seeds: list[int] | None = None
     """One seed per expanded prompt, when several requests share one batch; default seed, seed+1, ..."""
     model_name: str = field(default="")
+    controls: list[ControlUnit] = field(default_factory=list)
+    """ControlNet units; their models are loaded by the caller and passed to :func:`sample`."""
 
     def expanded_prompts(self) -> list[str]:
         return [p for p in self.prompts for _ in range(self.images_per_prompt)]
@@ -115,6 +124,20 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+@dataclass(frozen=True)
+class Preview:
+    """Live preview: every ``every`` steps, ``callback(step_done, pixels)`` gets the decoded current
+    estimate of the final images (N, 3, H, W) in [-1, 1]; a full VAE decode, so keep ``every`` large on
+    big models."""
+
+    every: int
+    callback: Callable[[int, torch.Tensor], None]
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"preview every {self.every} steps: must be >= 1")
+
+
 StepCallback = Callable[[int, int], None]
 """Called as ``(step_done, total_steps)`` after every denoising step; raising from it stops sampling, which
 is how a server reports progress and interrupts a running job without threads killing each other."""
@@ -126,13 +149,25 @@ def sample(
     req: GenerateRequest,
     device: torch.device | None = None,
     on_step: StepCallback | None = None,
+    controlnets: Mapping[str, nn.Module] | None = None,
+    memory: MemoryOptions | None = None,
+    preview: Preview | None = None,
 ) -> torch.Tensor:
-    """Generate images for ``req``; returns pixels in [-1, 1] of shape (N, 3, H, W) on the CPU."""
+    """Generate images for ``req``; returns pixels in [-1, 1] of shape (N, 3, H, W) on the CPU.
+
+    ``memory`` sets the decode's VAE slicing and fp16 upcast (model-wide options are applied when the
+    model is loaded, see :mod:`eridiffusion.inference.memory`); ``preview`` receives decoded estimates.
+
+    ``controlnets`` maps each ``req.controls`` unit's ``model`` to the loaded ControlNet; each step adds
+    the residuals of the units active then, on the conditional and unconditional halves alike."""
     height = req.height or family.default_resolution()
     width = req.width or family.default_resolution()
     family.check_size(height, width)
     check_sampler(req.sampler, family.objective.prediction_type)
     device = device or next(iter(family.modules().values())).parameters().__next__().device
+    control = (
+        Control(family, req.controls, controlnets or {}, (height, width), device) if req.controls else None
+    )
     prompts = req.expanded_prompts()
     n = len(prompts)
     latent_shape = family.latent_shape(height, width)
@@ -154,9 +189,12 @@ def sample(
         if req.mask is not None:
             # the mask at latent resolution; outside it the known image, noised to the current step,
             # replaces the sample after every step (the "legacy" inpainting of SD's first releases)
-            keep = 1 - torch.nn.functional.interpolate(req.mask[None].float(), size=latent_shape[1:]).to(
-                device
-            )
+            # (rounded, as A1111 does: a blurred mask softens the pasted seam, not the latent boundary)
+            latent_mask = torch.nn.functional.interpolate(req.mask[None].float(), size=latent_shape[1:])
+            keep = 1 - latent_mask.to(device).round()
+            if req.inpaint is not None and req.inpaint.fill in ("latent_noise", "latent_nothing"):
+                x0 = fill_latents(x0, noise, keep, req.inpaint)
+                latents = _noised(scheduler, x0, noise, schedule[:1])
     # ancestral/SDE samplers draw fresh noise each step: seed it too; deterministic ones take no generator
     step_kwargs = (
         {"generator": torch.Generator().manual_seed(req.seed)}
@@ -179,21 +217,66 @@ def sample(
         if use_cfg:
             model_in = torch.cat([model_in, model_in])
         timesteps = t.expand(model_in.shape[0]).to(device)
-        out = family.predict(model_in, timesteps, cond).float()
+        step_cond = (
+            cond if control is None else {**cond, **control.residuals(model_in, timesteps, cond, i, total)}
+        )
+        out = family.predict(model_in, timesteps, step_cond).float()
         if use_cfg:
             out_cond, out_uncond = out.chunk(2)
             out = out_uncond + req.guidance_scale * (out_cond - out_uncond)
-        latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
+        stepped = scheduler.step(out, t, latents, **step_kwargs)
+        latents = stepped.prev_sample
         if keep is not None and x0 is not None:
             known = x0 if i + 1 == total else _noised(scheduler, x0, noise, schedule[i + 1])
             latents = keep * known + (1 - keep) * latents
+        if preview is not None and (i + 1) % preview.every == 0 and i + 1 < total:
+            _preview(family, preview, i + 1, getattr(stepped, "pred_original_sample", None), latents, memory)
         if on_step is not None:
             on_step(i + 1, total)
     if not torch.isfinite(latents).all():
         raise ValueError(
             f"sampler {req.sampler!r} produced NaN/inf with this model; try ddim, euler or dpmpp_2m"
         )
-    return family.decode_latents(latents).clamp(-1, 1).float().cpu()
+    return decode(family, latents, memory).clamp(-1, 1).float().cpu()
+
+
+def _preview(
+    family: ModelFamily,
+    preview: Preview,
+    step: int,
+    estimate: torch.Tensor | None,
+    latents: torch.Tensor,
+    memory: MemoryOptions | None,
+) -> None:
+    """Decode the scheduler's own x0 estimate where it gives one (DDIM, Euler...), else the noisy sample.
+    An early estimate may be far out of range; a preview that fails to decode is skipped, never the job."""
+    try:
+        pixels = decode(family, latents if estimate is None else estimate, memory)
+    except ValueError:
+        return
+    preview.callback(step, pixels.clamp(-1, 1).float().cpu())
+
+
+def generate_pixels(
+    family: ModelFamily,
+    req: GenerateRequest,
+    device: torch.device | None = None,
+    on_step: StepCallback | None = None,
+    controlnets: Mapping[str, nn.Module] | None = None,
+    memory: MemoryOptions | None = None,
+    preview: Preview | None = None,
+) -> torch.Tensor:
+    """:func:`sample`, wrapped in A1111's inpainting pre- and post-processing when ``req.inpaint`` is set
+    (mask blur, fill, only-masked crop before; the paste over the start image after)."""
+    if req.inpaint is None or req.mask is None or req.init_image is None:
+        return sample(family, req, device, on_step, controlnets, memory, preview)
+    plan = prepare_inpaint(req.init_image, req.mask, req.inpaint)
+    controls = req.controls
+    if plan.box is not None:
+        size = (req.init_image.shape[1], req.init_image.shape[2])
+        controls = [u.cropped(plan.box, size) for u in req.controls]
+    inner = replace(req, init_image=plan.init_image, mask=plan.mask, controls=controls)
+    return plan.paste(sample(family, inner, device, on_step, controlnets, memory, preview)).clamp(-1, 1)
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -224,6 +307,7 @@ def a1111_parameters(req: GenerateRequest, prompt: str, seed: int, width: int, h
     ]
     if req.model_name:
         fields.append(f"Model: {req.model_name}")
+    fields.extend(u.infotext(i) for i, u in enumerate(req.controls))
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

@@ -5,6 +5,8 @@ model in place. So a request with LoRAs never touches the cached base model: eac
 (model, LoRA set) pair is loaded fresh from disk, merged once and cached as its own entry, evicted like any
 other. Merging back out (subtracting the delta) would drift the base weights a little on every request;
 a fresh load costs one disk read and keeps every cached model bit-exact.
+ControlNets are never merged: they run beside the model, so they are cached on their own
+(:class:`ControlNetCache`) and one loaded ControlNet serves every model of its architecture.
 
 Schedulers hold per-run state and are not thread-safe; :func:`~eridiffusion.inference.generate.sample`
 builds a fresh one per call, so several threads may generate from one cached model at once.
@@ -12,6 +14,7 @@ builds a fresh one per call, so several threads may generate from one cached mod
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections import OrderedDict
@@ -22,15 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from eridiffusion.device import resolve_device
+from eridiffusion.inference.controlnet import require_controlnet_support
 from eridiffusion.inference.generate import (
     GenerateRequest,
+    Preview,
     StepCallback,
     a1111_parameters,
-    sample,
+    generate_pixels,
     to_pil,
 )
+from eridiffusion.inference.memory import MemoryOptions, apply_memory_options, offload_of
 from eridiffusion.inference.samplers import default_sampler
 from eridiffusion.models import detect_arch, load_family
 from eridiffusion.models.protocol import ModelFamily
@@ -108,8 +115,11 @@ class ModelCache:
         budget_bytes: int | None = None,
         max_entries: int = 2,
         loader: Callable[[Path], ModelFamily] = load_family,
+        memory: MemoryOptions | None = None,
     ) -> None:
         self.device = device
+        """Where models run; with ``memory.cpu_offload`` they are stored on the CPU and visit it."""
+        self.memory = memory or MemoryOptions()
         self.budget_bytes = budget_bytes
         self.max_entries = max(1, max_entries)
         self._loader = loader
@@ -131,9 +141,10 @@ class ModelCache:
                 return self._entries[key][0]
             family = self._loader(path)
             apply_adapter_files(family, list(loras))
-            family.to(self.device)
+            family.to(torch.device("cpu") if self.memory.cpu_offload else self.device)
             for module in family.modules().values():
                 module.eval()
+            apply_memory_options(family, self.memory, self.device)
             size = model_bytes(family)
             while self._entries and (
                 len(self._entries) >= self.max_entries
@@ -142,6 +153,35 @@ class ModelCache:
                 self._entries.popitem(last=False)
             self._entries[key] = (family, size)
             return family
+
+
+class ControlNetCache:
+    """Loaded ControlNets by (file or folder, model architecture), least recently used first out.
+
+    A ControlNet is about a third of its model's size, so a few are kept beside the model cache (not
+    counted in its budget); the architecture is part of the key because a single file takes its shape
+    from the model it is loaded for."""
+
+    def __init__(self, device: torch.device, max_entries: int = 2) -> None:
+        self.device = device
+        self.max_entries = max(1, max_entries)
+        self._entries: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def loaded(self) -> list[tuple[str, str]]:
+        return list(self._entries)
+
+    def get(self, family: ModelFamily, path: Path) -> nn.Module:
+        key = (str(path.resolve()), family.arch)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            net = require_controlnet_support(family).load_controlnet(path).to(self.device).eval()
+            while len(self._entries) >= self.max_entries:
+                self._entries.popitem(last=False)
+            self._entries[key] = net
+            return net
 
 
 @dataclass
@@ -165,19 +205,52 @@ class Generator:
         memory_budget_bytes: int | None = None,
         max_models: int = 2,
         lora_dirs: list[Path] | None = None,
+        controlnet_dirs: list[Path] | None = None,
+        max_controlnets: int = 2,
+        memory: MemoryOptions | None = None,
     ) -> None:
         if not models:
             raise ValueError("Generator needs at least one model")
         self.models = dict(models)
         self.default_model = next(iter(self.models))
         self.lora_dirs = list(lora_dirs or [])
-        self.cache = ModelCache(resolve_device(device), memory_budget_bytes, max_models)
+        self.controlnet_dirs = list(controlnet_dirs or [])
+        self.memory = memory or MemoryOptions()
+        self.cache = ModelCache(resolve_device(device), memory_budget_bytes, max_models, memory=self.memory)
+        self._offload_lock = threading.Lock()
+        """CPU offload moves shared modules between devices: offloaded generations run one at a time."""
+        self.controlnets = ControlNetCache(self.cache.device, max_controlnets)
 
     def model_path(self, name: str | None) -> tuple[str, Path]:
         name = name or self.default_model
         if name not in self.models:
             raise ValueError(f"unknown model {name!r}; available: {sorted(self.models)}")
         return name, self.models[name]
+
+    def list_controlnets(self) -> dict[str, Path]:
+        """Name -> path of the ControlNets in the ControlNet folders: diffusers folders (by folder name)
+        and single ``.safetensors`` files (by stem), as A1111's extension lists its models."""
+        found: dict[str, Path] = {}
+        for d in self.controlnet_dirs:
+            if d.is_dir():
+                for p in sorted(d.iterdir()):
+                    if (p.is_dir() and (p / "config.json").is_file()) or p.suffix == ".safetensors":
+                        found[p.stem if p.is_file() else p.name] = p
+        return found
+
+    def resolve_controlnet(self, name_or_path: str) -> Path:
+        """A ControlNet by path, or by name in the ControlNet folders; A1111 clients send the names the
+        extension lists, ``name [hash]``, so a trailing hash is ignored."""
+        path = Path(name_or_path)
+        if path.exists():
+            return path.resolve()
+        known = self.list_controlnets()
+        bare = name_or_path.split(" [", 1)[0]
+        if bare in known:
+            return known[bare].resolve()
+        if len(path.parts) > 1 or path.suffix == ".safetensors":
+            raise FileNotFoundError(f"ControlNet '{path}' does not exist")
+        raise FileNotFoundError(f"ControlNet {name_or_path!r} not found (known: {sorted(known)})")
 
     def list_loras(self) -> dict[str, Path]:
         return {p.stem: p for d in self.lora_dirs if d.is_dir() for p in sorted(d.glob("*.safetensors"))}
@@ -198,10 +271,12 @@ class Generator:
         model: str | None = None,
         loras: list[tuple[str, float]] | None = None,
         on_step: StepCallback | None = None,
+        preview: Preview | None = None,
     ) -> GenerationResult:
         """Run ``req`` on ``model`` with ``loras`` (paths or names) plus any ``<lora:...>`` prompt tags.
 
-        Tags in any prompt apply to every image of the request: one batch runs on one set of weights."""
+        Tags in any prompt apply to every image of the request: one batch runs on one set of weights.
+        ``preview`` receives decoded estimates while sampling (a server's live preview)."""
         name, path = self.model_path(model)
         prompts, specs = [], list(loras or [])
         for p in req.prompts:
@@ -210,6 +285,9 @@ class Generator:
             specs.extend(t for t in tags if t not in specs)
         resolved = tuple(sorted((self.resolve_lora(n), float(w)) for n, w in specs))
         family = self.cache.get(path, resolved)
+        controlnets = {
+            u.model: self.controlnets.get(family, self.resolve_controlnet(u.model)) for u in req.controls
+        }
         req = replace(
             req,
             prompts=prompts,
@@ -217,8 +295,14 @@ class Generator:
             model_name=req.model_name or name,
         )
         device = self.cache.device
-        with torch.inference_mode():
-            images = to_pil(sample(family, req, device, on_step=on_step))
+        offload = offload_of(family)
+        with self._offload_lock if offload is not None else contextlib.nullcontext(), torch.inference_mode():
+            try:
+                pixels = generate_pixels(family, req, device, on_step, controlnets, self.memory, preview)
+            finally:
+                if offload is not None:
+                    offload.release()
+        images = to_pil(pixels)
         expanded = req.expanded_prompts()
         seeds = req.image_seeds()
         parameters = [

@@ -51,7 +51,12 @@ from transformers import (
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.objectives import FlowMatchObjective
 from eridiffusion.models.options import parse_model_options
-from eridiffusion.models.protocol import Conditioning, require_size_multiple, underscored_lora_names
+from eridiffusion.models.protocol import (
+    Conditioning,
+    FusedLayer,
+    require_size_multiple,
+    underscored_lora_names,
+)
 from eridiffusion.models.stable_diffusion import (
     LDM_UNET_PREFIX,
     LDM_VAE_PREFIX,
@@ -376,6 +381,12 @@ class FlowTransformerFamily(VAELatents):
         cls, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
         """The original release's transformer keys (no prefix) -> diffusers keys."""
+        raise NotImplementedError
+
+    @classmethod
+    def original_rules(cls, config: dict[str, Any]) -> list[KeyRule]:
+        """The original layout's :class:`KeyRule` table for a transformer of ``config`` (adapter aliases
+        read it, so fused-layer knowledge lives in one table)."""
         raise NotImplementedError
 
     @classmethod
@@ -710,6 +721,21 @@ class FlowTransformerFamily(VAELatents):
         if slot.kind == "clip" and not module_path.startswith(("text_model.", "text_projection")):
             module_path = f"text_model.{module_path}"  # transformers >= 5.6 flattened CLIPTextModel
         return underscored_lora_names(slot.kohya_prefix, slot.module, module_path)
+
+    def adapter_aliases(self) -> dict[str, FusedLayer]:
+        """The original layout's Linear names as kohya (``lora_unet_*``, what sd-scripts and most CivitAI
+        files use) and peft-style (``diffusion_model.*``) adapter files spell them, read off the same
+        :meth:`original_rules` as single-file conversion: a fused q/k/v rule becomes a multi-part layer."""
+        aliases: dict[str, FusedLayer] = {}
+        for rule in self.original_rules(dict(self.transformer.config)):
+            if not rule.original.endswith(".weight"):
+                continue
+            module = rule.original.removesuffix(".weight")
+            paths = tuple(name.removesuffix(".weight") for name in rule.diffusers)
+            layer = FusedLayer("denoiser", paths, swap_halves=rule.swap)
+            aliases[f"lora_unet_{module.replace('.', '_')}"] = layer
+            aliases[f"diffusion_model.{module}"] = layer
+        return aliases
 
     def to(self: F_, device: torch.device | str, dtype: torch.dtype | None = None) -> F_:
         for module in self.modules().values():

@@ -23,14 +23,18 @@ Choices, following BFL's reference code and diffusers' ``FluxPipeline``:
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxControlNetModel, FluxTransformer2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from pydantic import Field
+from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
 
+from eridiffusion.models.controlnet import load_transformer_controlnet, pack_blocks, unpack_blocks
 from eridiffusion.models.flow_common import (
     EncoderSlot,
     FlowOptions,
@@ -41,6 +45,11 @@ from eridiffusion.models.flow_common import (
     rules_to_original,
 )
 from eridiffusion.models.protocol import Conditioning
+
+CONTROL_DOUBLE_KEY = "controlnet_double_"
+"""``controlnet_double_{i}``: a ControlNet's residual for the i-th double-stream block."""
+CONTROL_SINGLE_KEY = "controlnet_single_"
+"""``controlnet_single_{i}``: a ControlNet's residual for the i-th single-stream block."""
 
 SLOTS = (
     EncoderSlot(
@@ -165,12 +174,14 @@ class FluxFamily(FlowTransformerFamily):
     )
 
     @classmethod
+    def original_rules(cls, config: dict[str, Any]) -> list[KeyRule]:
+        return flux_rules(int(config["num_layers"]), int(config["num_single_layers"]))
+
+    @classmethod
     def transformer_to_original(
         cls, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> dict[str, Any]:
-        return rules_to_original(
-            state, flux_rules(int(config["num_layers"]), int(config["num_single_layers"]))
-        )
+        return rules_to_original(state, cls.original_rules(config))
 
     @classmethod
     def transformer_from_original(
@@ -210,27 +221,101 @@ class FluxFamily(FlowTransformerFamily):
         ((_, pooled),) = self._clip_outputs(prompts)
         return {"prompt_embeds": self._t5_output(prompts).float(), "pooled_projections": pooled.float()}
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def _transformer_inputs(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        dtype: torch.dtype,
+        guided: bool,
+    ) -> dict[str, Any]:
+        """Packed latents, ids, text and (``guided``: for a guidance-embedding model) the guidance scale:
+        what the transformer and a Flux ControlNet both take."""
         b, _, h, w = noisy.shape
-        dtype, device = self.transformer.dtype, noisy.device
+        device = noisy.device
         text = cond["prompt_embeds"]
         guidance = None
-        if self.guidance_embeds:
+        if guided:
             guidance = cond.get("guidance")
             if guidance is None:
                 guidance = torch.full((b,), float(self.options.train_guidance))
             guidance = guidance.to(device=device, dtype=torch.float32)
+        return {
+            "hidden_states": pack_latents(noisy).to(dtype),
+            "timestep": (timesteps.float() / 1000).to(dtype),
+            "guidance": guidance,
+            "pooled_projections": cond["pooled_projections"].to(dtype),
+            "encoder_hidden_states": text.to(dtype),
+            "txt_ids": torch.zeros(text.shape[1], 3, device=device),
+            "img_ids": latent_image_ids(h // 2, w // 2, device),
+        }
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        _, _, h, w = noisy.shape
+        dtype = self.transformer.dtype
         out = self.transformer(
-            hidden_states=pack_latents(noisy).to(dtype),
-            timestep=(timesteps.float() / 1000).to(dtype),
-            guidance=guidance,
-            pooled_projections=cond["pooled_projections"].to(dtype),
-            encoder_hidden_states=text.to(dtype),
-            txt_ids=torch.zeros(text.shape[1], 3, device=device),
-            img_ids=latent_image_ids(h // 2, w // 2, device),
+            **self._transformer_inputs(noisy, timesteps, cond, dtype, self.guidance_embeds),
+            controlnet_block_samples=unpack_blocks(cond, CONTROL_DOUBLE_KEY, dtype),
+            controlnet_single_block_samples=unpack_blocks(cond, CONTROL_SINGLE_KEY, dtype),
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w).to(noisy.dtype)
+
+    # ControlNetSupport ----------------------------------------------------------------------------------
+    def load_controlnet(self, path: Path) -> nn.Module:
+        """A ``FluxControlNetModel`` folder (InstantX style: latent input; XLabs style: pixel input through
+        its own hint encoder). Union ControlNets need a mode per image: refused."""
+        net = load_transformer_controlnet(path, FluxControlNetModel, self.transformer.dtype)
+        if net.union:
+            raise ValueError(
+                f"ControlNet '{path}' is a union ControlNet (needs a control mode); not supported"
+            )
+        if net.config.in_channels != self.transformer.config.in_channels:
+            raise ValueError(
+                f"ControlNet '{path}' takes {net.config.in_channels} packed latent channels, not this "
+                f"model's {self.transformer.config.in_channels}"
+            )
+        return net
+
+    def prepare_control_image(self, controlnet: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """XLabs ControlNets (with an ``input_hint_block``) take pixels in [-1, 1]; InstantX ones the
+        packed latents of the image (the posterior mean, so sampling stays deterministic)."""
+        if controlnet.input_hint_block is not None:
+            return image
+        return pack_latents(self.encode_images(image))
+
+    def control_residuals(
+        self,
+        controlnet: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        image: torch.Tensor,
+        scale: float,
+    ) -> Conditioning:
+        dtype = controlnet.dtype
+        double, single = controlnet(
+            **self._transformer_inputs(noisy, timesteps, cond, dtype, controlnet.config.guidance_embeds),
+            controlnet_cond=image.to(dtype),
+            conditioning_scale=scale,
+            return_dict=False,
+        )
+        # one residual per transformer block, spread as the transformer would spread the shorter lists
+        # (XLabs ControlNets repeat theirs over the double blocks), so several ControlNets add up
+        n, m = len(self.transformer.transformer_blocks), len(self.transformer.single_transformer_blocks)
+        repeat = controlnet.input_hint_block is not None
+        out = {}
+        if double:
+            step = math.ceil(n / len(double))
+            out.update(
+                pack_blocks(
+                    CONTROL_DOUBLE_KEY, [double[i % len(double) if repeat else i // step] for i in range(n)]
+                )
+            )
+        if single:
+            step = math.ceil(m / len(single))
+            out.update(pack_blocks(CONTROL_SINGLE_KEY, [single[i // step] for i in range(m)]))
+        return out
 
     def to_original_state_dict(self) -> dict[str, torch.Tensor]:
         """BFL's transformer-only layout (``flux1-dev.safetensors``); the VAE and text encoders of a Flux

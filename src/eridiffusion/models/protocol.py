@@ -129,11 +129,66 @@ class GuidanceEmbedding(Protocol):
 
 
 @runtime_checkable
+class ControlNetSupport(Protocol):
+    """Optional capability of families with ControlNets (Zhang et al. 2023): load one for this model and
+    compute its residuals for a denoiser call. The residuals are ``Conditioning`` entries that ``predict``
+    adds to the denoiser's features; the sampler merges them into the step's conditioning (summing the
+    entries of several ControlNets), so ``predict`` keeps one signature for every family."""
+
+    def load_controlnet(self, path: Path) -> nn.Module:
+        """A ControlNet that fits this model, from a local folder or file; raises naming the mismatch."""
+        ...
+
+    def prepare_control_image(self, controlnet: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """The control image, pixels in [-1, 1] of shape (1, 3, H, W) at the output size, in the form
+        ``controlnet`` takes it (UNet ControlNets: pixels in [0, 1]; transformer ones: latents). Runs once
+        per sampling run, not per step."""
+        ...
+
+    def control_residuals(
+        self,
+        controlnet: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        image: torch.Tensor,
+        scale: float,
+    ) -> Conditioning:
+        """Residual entries for ``predict(noisy, timesteps, cond)``; ``image`` is the prepared control
+        image expanded to the batch, ``scale`` multiplies every residual."""
+        ...
+
+
+@runtime_checkable
 class SingleFileExport(Protocol):
     """Optional capability: write the model as one ``.safetensors`` in its original (non-diffusers) layout,
     the file A1111/Forge/ComfyUI load as a checkpoint (``eri merge --out model.safetensors``)."""
 
     def save_single_file(self, path: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """A layer of a model's original (non-diffusers) layout, as adapter files trained on that layout name it,
+    and the diffusers layers it is: one, or several joined along output rows in this order (BFL's fused
+    q/k/v). ``swap_halves``: the original stores the two row halves in the other order (final adaLN)."""
+
+    component: str
+    module_paths: tuple[str, ...]
+    swap_halves: bool = False
+
+
+@runtime_checkable
+class AdapterAliases(Protocol):
+    """Optional capability: adapter layer names of the model's original layout (kohya's ``lora_unet_*``
+    Flux/SD3 files use BFL's and Stability's fused module names), so those files load onto the diffusers
+    modules the family runs; the adapter reader splits each fused layer's update by output rows."""
+
+    def adapter_aliases(self) -> dict[str, FusedLayer]:
+        """Layer names as files spell them, without the tensor suffix
+        (``lora_unet_double_blocks_0_img_attn_qkv``, ``diffusion_model.double_blocks.0.img_attn.qkv``)
+        -> the layers they stand for."""
+        ...
 
 
 def require_size_multiple(arch: str, factor: int, height: int, width: int) -> None:

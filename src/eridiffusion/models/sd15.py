@@ -6,7 +6,6 @@ Everything shared with SDXL (presets, VAE latents, DDPM objective, loading and s
 
 from __future__ import annotations
 
-import torch
 from transformers import CLIPTextModel
 
 from eridiffusion.models.protocol import Conditioning
@@ -14,7 +13,8 @@ from eridiffusion.models.stable_diffusion import StableDiffusionFamily, TextSlot
 
 
 class SD15Family(StableDiffusionFamily):
-    """``Conditioning``: ``context`` (B, 77, 768) -- the final (layer-normed) CLIP-L hidden states."""
+    """``Conditioning``: ``context`` (B, 77, 768) -- the final (layer-normed) CLIP-L hidden states; the
+    UNet call itself (``predict``) is the shared one of :class:`StableDiffusionFamily`."""
 
     arch = "sd15"
     pipeline_class = "StableDiffusionPipeline"
@@ -34,9 +34,6 @@ class SD15Family(StableDiffusionFamily):
         slot = self.text_slots[0]
         ids = self._token_ids(slot, prompts)
         return {"context": self.text_encoders[slot.module](ids).last_hidden_state}
-
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self._unet(noisy, timesteps, cond["context"])
 
     def extra_index_entries(self) -> dict[str, object]:
         # diffusers' StableDiffusionPipeline expects these optional components to be declared

@@ -12,14 +12,17 @@ inverse for export.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import SD3ControlNetModel, SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
+from eridiffusion.models.controlnet import load_transformer_controlnet, pack_blocks, unpack_blocks
 from eridiffusion.models.flow_common import (
     TRANSFORMER_PREFIX,
     EncoderSlot,
@@ -31,6 +34,9 @@ from eridiffusion.models.flow_common import (
 )
 from eridiffusion.models.protocol import Conditioning
 from eridiffusion.models.stable_diffusion import vae_to_ldm
+
+CONTROL_BLOCK_KEY = "controlnet_block_"
+"""``controlnet_block_{i}``: a ControlNet's residual for the i-th joint transformer block."""
 
 SLOTS = (
     EncoderSlot(
@@ -130,10 +136,14 @@ class SD3Family(FlowTransformerFamily):
     single_file_marker = "joint_blocks.0.context_block.adaLN_modulation.1.bias"
 
     @classmethod
+    def original_rules(cls, config: dict[str, Any]) -> list[KeyRule]:
+        return sd3_rules(config)
+
+    @classmethod
     def transformer_to_original(
         cls, state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> dict[str, Any]:
-        return rules_to_original(state, sd3_rules(config))
+        return rules_to_original(state, cls.original_rules(config))
 
     @classmethod
     def transformer_from_original(
@@ -186,9 +196,65 @@ class SD3Family(FlowTransformerFamily):
             timestep=timesteps.float(),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             pooled_projections=cond["pooled_projections"].to(dtype),
+            block_controlnet_hidden_states=unpack_blocks(cond, CONTROL_BLOCK_KEY, dtype),
             return_dict=False,
         )[0]
         return out.to(noisy.dtype)
+
+    # ControlNetSupport ----------------------------------------------------------------------------------
+    def load_controlnet(self, path: Path) -> nn.Module:
+        """An ``SD3ControlNetModel`` folder. The SD3.5 Large ControlNets without their own patch embedding
+        and inpainting ones (extra input channels) need inputs this sampler does not build: refused."""
+        net = load_transformer_controlnet(path, SD3ControlNetModel, self.transformer.dtype)
+        if net.pos_embed is None or net.config.extra_conditioning_channels:
+            raise ValueError(
+                f"ControlNet '{path}' has no patch embedding or takes extra conditioning channels; only "
+                "image ControlNets with their own patch embedding (SD3 Medium style) are supported"
+            )
+        if net.config.in_channels != self.transformer.config.in_channels:
+            raise ValueError(
+                f"ControlNet '{path}' takes {net.config.in_channels} latent channels, not "
+                f"this model's {self.transformer.config.in_channels}"
+            )
+        return net
+
+    def prepare_control_image(self, controlnet: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """The control image as latents, like the noisy input (the posterior mean, so sampling stays
+        deterministic); InstantX's SD3 ControlNets were trained without the VAE's shift."""
+        latents = self.encode_images(image)
+        if controlnet.config.force_zeros_for_pooled_projection:
+            latents = latents + (self.vae.config.get("shift_factor") or 0.0) * self.vae.config.scaling_factor
+        return latents
+
+    def control_residuals(
+        self,
+        controlnet: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        image: torch.Tensor,
+        scale: float,
+    ) -> Conditioning:
+        dtype = controlnet.dtype
+        pooled = cond["pooled_projections"]
+        if controlnet.config.force_zeros_for_pooled_projection:
+            pooled = torch.zeros_like(pooled)
+        context = (
+            cond["prompt_embeds"].to(dtype) if controlnet.config.joint_attention_dim is not None else None
+        )
+        blocks = controlnet(
+            hidden_states=noisy.to(dtype),
+            controlnet_cond=image.to(dtype),
+            conditioning_scale=scale,
+            encoder_hidden_states=context,
+            pooled_projections=pooled.to(dtype),
+            timestep=timesteps.float(),
+            return_dict=False,
+        )[0]
+        # one residual per transformer block, spread as the transformer itself would spread a shorter list,
+        # so that several ControlNets of different depths add up block by block
+        n = len(self.transformer.transformer_blocks)
+        return pack_blocks(CONTROL_BLOCK_KEY, [blocks[int(i / (n / len(blocks)))] for i in range(n)])
 
     def to_original_state_dict(self) -> dict[str, torch.Tensor]:
         """Stability's single-file layout: transformer, VAE and the three text encoders in one file."""

@@ -75,13 +75,13 @@ class SDXLFamily(StableDiffusionFamily):
             pooled = pooled * keep[:, None].to(dtype)
         return {"context": context, "pooled": pooled}
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def added_cond(self, noisy: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
         ids = cond.get("time_ids")
         if ids is None:
             f = self.vae_scale_factor
             size = (noisy.shape[-2] * f, noisy.shape[-1] * f)
             ids = time_ids(size, (0, 0), size).expand(noisy.shape[0], 6).to(noisy.device)
-        return self._unet(noisy, timesteps, cond["context"], text_embeds=cond["pooled"], time_ids=ids)
+        return {"text_embeds": cond["pooled"], "time_ids": ids}
 
     def kohya_text_prefix(self, component: str) -> str:
         return {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[component]

@@ -46,6 +46,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from eridiffusion.config.schema import ModelConfig
+from eridiffusion.models.controlnet import load_unet_controlnet, pack_unet_residuals, unet_residual_kwargs
 from eridiffusion.models.objectives import BETA_SCHEDULES, DDPMObjective
 from eridiffusion.models.options import parse_model_options
 from eridiffusion.models.protocol import Conditioning, require_size_multiple, underscored_lora_names
@@ -389,21 +390,57 @@ class StableDiffusionFamily(VAELatents):
             return_tensors="pt",
         ).input_ids.to(encoder.device)
 
-    def _unet(
-        self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, **added: Any
-    ) -> torch.Tensor:
-        """The UNet in its own dtype (frozen weights may be stored in bf16/fp16 while inputs are fp32)."""
-        dtype = self.unet.dtype
-        added_cond = {k: v.to(dtype) for k, v in added.items()} or None
-        return self.unet(
-            noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added_cond
-        ).sample
+    def added_cond(self, noisy: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
+        """The UNet's ``added_cond_kwargs`` (SDXL's pooled text and size ids); SD1.5 has none. A ControlNet
+        copies the UNet's encoder, so it takes the same ones."""
+        return {}
 
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        raise NotImplementedError
+        """The UNet in its own dtype (frozen weights may be stored in bf16/fp16 while inputs are fp32),
+        plus the ControlNet residuals ``cond`` carries, if any."""
+        dtype = self.unet.dtype
+        added = {k: v.to(dtype) for k, v in self.added_cond(noisy, cond).items()} or None
+        return self.unet(
+            noisy.to(dtype),
+            timesteps,
+            encoder_hidden_states=cond["context"].to(dtype),
+            added_cond_kwargs=added,
+            **unet_residual_kwargs(cond, dtype),
+        ).sample
+
+    # ControlNetSupport ----------------------------------------------------------------------------------
+    def load_controlnet(self, path: Path) -> nn.Module:
+        return load_unet_controlnet(path, self.unet, self.unet.dtype)
+
+    def prepare_control_image(self, controlnet: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """UNet ControlNets take the control image in [0, 1] (their training data was not normalised to
+        the VAE's [-1, 1])."""
+        return (image + 1) / 2
+
+    def control_residuals(
+        self,
+        controlnet: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        image: torch.Tensor,
+        scale: float,
+    ) -> Conditioning:
+        dtype = controlnet.dtype
+        added = {k: v.to(dtype) for k, v in self.added_cond(noisy, cond).items()} or None
+        down, mid = controlnet(
+            noisy.to(dtype),
+            timesteps,
+            encoder_hidden_states=cond["context"].to(dtype),
+            controlnet_cond=image.to(dtype),
+            conditioning_scale=scale,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
+        return pack_unet_residuals(down, mid)
 
 
 def local_tokenizer(encoder: TextModel) -> CLIPTokenizer:

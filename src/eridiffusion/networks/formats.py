@@ -6,6 +6,11 @@ kohya keys are ``<prefix>_<module path with dots as underscores>.<tensor>``, e.g
 (``hada_w1_a``, ``lokr_w1``...), DoRA adds ``dora_scale``. The family decides the prefix and module naming
 (:meth:`ModelFamily.lora_key_names`), so SDXL/Flux can use the layouts their loaders expect.
 
+Files trained on a model's original layout (kohya's Flux ``lora_unet_double_blocks_0_img_attn_qkv``, BFL's
+fused q/k/v) load through the family's :class:`~eridiffusion.models.protocol.AdapterAliases`: each fused
+layer's LoRA is split by output rows into LoRAs of the diffusers layers it stands for (:func:`split_fused`),
+so applying, converting and continuing training see only our own layers.
+
 Applying a file for inference merges ``weight x delta`` into the base weights with the small pure functions
 below (one per adapter kind), so any file whose layers we recognise works, whatever tool wrote it.
 """
@@ -22,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from eridiffusion.models.protocol import ModelFamily
+from eridiffusion.models.protocol import AdapterAliases, FusedLayer, ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +181,77 @@ def save_adapter(
     return path
 
 
+def _alias_index(family: ModelFamily, layers: dict[tuple[str, str], nn.Module]) -> dict[str, FusedLayer]:
+    """The family's original-layout adapter names whose layers this model has (schnell has no guidance
+    embedder, a smaller model fewer blocks: their names stay unmatched and are reported)."""
+    if not isinstance(family, AdapterAliases):
+        return {}
+    return {
+        name: target
+        for name, target in family.adapter_aliases().items()
+        if all((target.component, p) in layers for p in target.module_paths)
+    }
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _drop_unused_rank(
+    up: torch.Tensor, down: torch.Tensor, alpha: float | None
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """A part of a block-diagonal fused LoRA (kohya's ``split_qkv`` files store q/k/v as one rank-3r LoRA
+    whose ``up`` is zero outside each part's r columns) kept at its own rank; alpha follows the rank so
+    alpha/rank, and with it the update, is unchanged."""
+    if up.dim() != 2:
+        return up, down, alpha
+    used = up.abs().sum(dim=0) != 0
+    if bool(used.all()) or not bool(used.any()):
+        return up, down, alpha
+    scaled = None if alpha is None else alpha * int(used.sum()) / down.shape[0]
+    return up[:, used], down[used], scaled
+
+
+def split_fused(
+    name: str, adapter: ModuleAdapter, target: FusedLayer, rows: list[int]
+) -> dict[tuple[str, str], ModuleAdapter]:
+    """One adapter of a fused original-layout layer as adapters of the layers it stands for.
+
+    The update of a fused Linear is ``(alpha/rank) up @ down``; its output rows are the parts' rows
+    stacked, so part i's update is ``(alpha/rank) up_i @ down`` with ``up_i`` part i's rows of ``up``
+    and ``down``/alpha shared. DoRA's magnitude and norm are per output row too, so ``dora_scale`` splits
+    the same way. LoHa/LoKr updates do not split by rows of a factor, so those are refused."""
+    if adapter.kind not in ("lora", "dora"):
+        raise ValueError(
+            f"'{name}': {adapter.kind} adapters on the original layout's fused layers are not supported "
+            "(only LoRA/DoRA split into diffusers' separate layers); convert the file to diffusers names"
+        )
+    t = adapter.tensors
+    unknown = sorted(set(t) - {"lora_up.weight", "lora_down.weight", "dora_scale"})
+    missing = [n for n in ("lora_up.weight", "lora_down.weight") if n not in t]
+    if unknown or missing:
+        raise ValueError(f"'{name}': unexpected LoRA tensors {unknown}, missing {missing}")
+    if t["lora_up.weight"].shape[0] != sum(rows):
+        raise ValueError(
+            f"'{name}': lora_up has {t['lora_up.weight'].shape[0]} output rows but the layers it stands for "
+            f"({', '.join(target.module_paths)}) have {sum(rows)}; is it for another model size?"
+        )
+    row_tensors = {n: t[n] for n in ("lora_up.weight", "dora_scale") if n in t}
+    if target.swap_halves:
+        row_tensors = {n: _swap_halves(v) for n, v in row_tensors.items()}
+    pieces = {n: torch.split(v, rows, dim=0) for n, v in row_tensors.items()}
+    out: dict[tuple[str, str], ModuleAdapter] = {}
+    for i, module_path in enumerate(target.module_paths):
+        up, down, alpha = _drop_unused_rank(pieces["lora_up.weight"][i], t["lora_down.weight"], adapter.alpha)
+        # clones: safetensors refuses to save tensors that share memory
+        part = {"lora_up.weight": up.clone(), "lora_down.weight": down.clone()}
+        if "dora_scale" in pieces:
+            part["dora_scale"] = pieces["dora_scale"][i].clone()
+        out[(target.component, module_path)] = ModuleAdapter(part, alpha)
+    return out
+
+
 def read_adapter_file(path: Path, family: ModelFamily) -> AdapterFile:
     """Parse a kohya/LyCORIS, diffusers or peft adapter file and map its layers onto ``family``."""
     if not path.is_file():
@@ -186,20 +262,26 @@ def read_adapter_file(path: Path, family: ModelFamily) -> AdapterFile:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as exc:
         raise ValueError(f"'{path}' is not a readable safetensors file ({exc})") from exc
+    layers = _layers(family)
     kohya_index: dict[str, tuple[str, str]] = {}
     diffusers_index: dict[str, tuple[str, str]] = {}
-    for component, module_path in _layers(family):
+    for component, module_path in layers:
         kohya_base, diffusers_base = family.lora_key_names(component, module_path)
         kohya_index[kohya_base] = (component, module_path)
         diffusers_index[diffusers_base] = (component, module_path)
         diffusers_index[f"base_model.model.{module_path}"] = (component, module_path)
+    aliases = _alias_index(family, layers)
 
     modules: dict[tuple[str, str], ModuleAdapter] = {}
+    fused: dict[str, ModuleAdapter] = {}
     unmatched: list[str] = []
     for key, value in tensors.items():
         base, _, tensor_name = key.partition(".")
-        if base in kohya_index:
-            entry = modules.setdefault(kohya_index[base], ModuleAdapter())
+        if base in kohya_index or base in aliases:
+            if base in kohya_index:
+                entry = modules.setdefault(kohya_index[base], ModuleAdapter())
+            else:
+                entry = fused.setdefault(base, ModuleAdapter())
             if tensor_name == "alpha":
                 entry.alpha = float(value)
             else:
@@ -207,14 +289,28 @@ def read_adapter_file(path: Path, family: ModelFamily) -> AdapterFile:
             continue
         matched = False
         for suffix in ("lora_A.weight", "lora_B.weight", "lora_A.default.weight", "lora_B.default.weight"):
-            if key.endswith("." + suffix) and key[: -len(suffix) - 1] in diffusers_index:
-                kohya_name = "lora_down.weight" if "lora_A" in suffix else "lora_up.weight"
-                modules.setdefault(diffusers_index[key[: -len(suffix) - 1]], ModuleAdapter()).tensors[
-                    kohya_name
-                ] = value.float()
+            if not key.endswith("." + suffix):
+                continue
+            name = key[: -len(suffix) - 1]
+            kohya_name = "lora_down.weight" if "lora_A" in suffix else "lora_up.weight"
+            if name in diffusers_index:
+                modules.setdefault(diffusers_index[name], ModuleAdapter()).tensors[kohya_name] = value.float()
+                matched = True
+            elif name in aliases:
+                fused.setdefault(name, ModuleAdapter()).tensors[kohya_name] = value.float()
                 matched = True
         if not matched:
             unmatched.append(key)
+    for name, entry in fused.items():
+        target = aliases[name]
+        rows = [layers[(target.component, p)].weight.shape[0] for p in target.module_paths]
+        for module_key, part in split_fused(name, entry, target, rows).items():
+            if module_key in modules:
+                raise ValueError(
+                    f"'{path}': '{name}' and another entry of the file both adapt {module_key[1]}; "
+                    "the file mixes two layouts for one layer"
+                )
+            modules[module_key] = part
     if not modules:
         raise ValueError(
             f"no tensor of '{path}' matches a layer of this {family.arch} model (e.g. {list(tensors)[:3]}); "

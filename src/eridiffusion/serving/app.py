@@ -15,20 +15,25 @@ import io
 import json
 import math
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
-from PIL import Image
+from PIL import Image, ImageOps
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from eridiffusion.inference.controlnet import ControlUnit
 from eridiffusion.inference.generate import GenerateRequest, png_info
 from eridiffusion.inference.generator import GenerationResult, Generator, pil_to_mask, pil_to_pixels
+from eridiffusion.inference.hashing import HashCache
+from eridiffusion.inference.inpaint import A1111_FILLS, InpaintOptions
 from eridiffusion.inference.samplers import SAMPLERS, resolve_sampler
-from eridiffusion.serving.engine import Job, JobCancelled, JobQueue, QueueFull
+from eridiffusion.serving.engine import Job, JobCancelled, JobQueue, QueueFull, ShuttingDown
 from eridiffusion.serving.metrics import Metrics
 from eridiffusion.serving.schemas import (
     GenerateBody,
@@ -133,14 +138,113 @@ def with_start_image(
     )
 
 
+def control_pixels(
+    data: str, what: str, width: int | None, height: int | None, crop: bool = False
+) -> torch.Tensor:
+    """A base64 control image as (3, H, W) pixels in [-1, 1], at the output size when the request gives
+    it (else at its own size; the sampler resizes it to the model's default). ``crop``: scale to cover
+    and cut the overflow centred (the extension's "Crop and Resize") instead of stretching."""
+    image = decode_image(data, what).convert("RGB")
+    if width is None or height is None:
+        width, height = image.size
+    elif crop:
+        image = ImageOps.fit(image, (width, height), Image.BICUBIC)
+    return pil_to_pixels(image, width, height)
+
+
+def _checked(unit: ControlUnit, what: str) -> ControlUnit:
+    try:
+        unit.check()
+    except ValueError as exc:
+        raise HTTPException(422, detail=f"{what}: {exc}") from None
+    return unit
+
+
+def native_controls(body: GenerateBody, req: GenerateRequest) -> GenerateRequest:
+    """The native body's ``controlnet`` unit(s), images at the request's size."""
+    refs = (
+        body.controlnet if isinstance(body.controlnet, list) else [body.controlnet] if body.controlnet else []
+    )
+    units = [
+        _checked(
+            ControlUnit(
+                model=ref.model,
+                image=control_pixels(ref.image, f"controlnet {i} image", req.width, req.height),
+                scale=ref.scale,
+                guidance_start=ref.guidance_start,
+                guidance_end=ref.guidance_end,
+            ),
+            f"controlnet {i}",
+        )
+        for i, ref in enumerate(refs)
+    ]
+    return replace(req, controls=units)
+
+
+_RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
+
+
+def a1111_controls(scripts: dict[str, Any], req: GenerateRequest, fallback: str | None) -> GenerateRequest:
+    """sd-webui-controlnet's ``alwayson_scripts: {"controlnet": {"args": [unit, ...]}}``: every enabled
+    unit with a model applies (their residuals add up). Units carry already-preprocessed images: the
+    extension's preprocessors (``module``) and non-balanced control modes are refused, not silently
+    skipped. A unit without an image uses the img2img start image (``fallback``), as the extension does."""
+    script = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None)
+    if script is None:
+        return req
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise HTTPException(422, detail="alwayson_scripts.controlnet.args must be a list of ControlNet units")
+    units = []
+    for i, unit in enumerate(args):
+        what = f"ControlNet unit {i}"
+        if not isinstance(unit, dict):
+            raise HTTPException(422, detail=f"{what} must be an object (the extension's named-field format)")
+        if not unit.get("enabled", True) or str(unit.get("model") or "none").lower() == "none":
+            continue
+        module = str(unit.get("module") or "none")
+        if module.lower() != "none":
+            raise HTTPException(
+                422,
+                detail=f"{what}: preprocessor {module!r} is not available here; send an already "
+                "preprocessed control image (edge/depth/pose map) with module 'none'",
+            )
+        if unit.get("control_mode", 0) not in (0, "Balanced"):
+            raise HTTPException(422, detail=f"{what}: only control_mode 'Balanced' is supported")
+        resize = unit.get("resize_mode", "Crop and Resize")
+        resize = _RESIZE_MODES.get(resize, resize) if isinstance(resize, int) else resize
+        if resize not in ("Just Resize", "Crop and Resize"):
+            raise HTTPException(422, detail=f"{what}: resize_mode {resize!r} is not supported")
+        image = unit.get("image") or unit.get("input_image")
+        image = image.get("image") if isinstance(image, dict) else image
+        image = image or fallback
+        if not isinstance(image, str):
+            raise HTTPException(422, detail=f"{what} has no image")
+        try:
+            weight, start, end = (
+                float(unit.get(k, d))
+                for k, d in (("weight", 1.0), ("guidance_start", 0.0), ("guidance_end", 1.0))
+            )
+        except (TypeError, ValueError) as exc:
+            raise HTTPException(422, detail=f"{what}: {exc}") from None
+        pixels = control_pixels(
+            image, f"{what} image", req.width, req.height, crop=resize == "Crop and Resize"
+        )
+        units.append(_checked(ControlUnit(str(unit["model"]), pixels, weight, start, end), what))
+    return replace(req, controls=units)
+
+
+_PARAMETER = re.compile(r'\s*([^,:]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
 def parse_parameters(text: str) -> dict[str, Any]:
     """A1111 ``parameters`` text back into fields: prompt, negative prompt and the ``Key: value`` line."""
     lines = text.strip().split("\n")
     fields: dict[str, Any] = {}
     if lines and lines[-1].startswith("Steps: "):
-        for part in lines.pop().split(", "):
-            key, _, value = part.partition(": ")
-            fields[key] = value
+        # quoted values (the ControlNet extension's ``ControlNet 0: "Model: x, Weight: 1"``) hold commas
+        for key, value in _PARAMETER.findall(lines.pop()):
+            fields[key] = value[1:-1] if value.startswith('"') else value
     prompt, negative = [], []
     for line in lines:
         if line.startswith("Negative prompt: ") or negative:
@@ -159,12 +263,26 @@ class Server:
         self.metrics = Metrics()
         self.queue = JobQueue(generator, self.metrics, settings.max_queue, max_batch=settings.max_images)
         self.checkpoint = generator.default_model
+        self.hashes = HashCache()
+        self.live_previews = False
+        """A1111's ``live_previews_enable``; off by default here, since each preview costs a VAE decode."""
+        self.preview_every = 10
+        """A1111's ``show_progress_every_n_steps``."""
+        self.metrics.watch_memory(lambda: generator.cache.total_bytes)
+
+    def set_previews(self, enabled: bool | None, every: int | None) -> None:
+        self.live_previews = self.live_previews if enabled is None else enabled
+        self.preview_every = self.preview_every if every is None else every
+        self.queue.preview_every = self.preview_every if self.live_previews else 0
 
     def submit(self, job: Job) -> Job:
         """Check limits (422) and queue ``job``; a full queue answers 429 with the expected wait."""
         check_limits(self.settings, job.request)
         try:
             return self.queue.submit(job)
+        except ShuttingDown as exc:
+            self.metrics.errors.labels("shutting_down").inc()
+            raise HTTPException(503, detail=str(exc), headers={"Retry-After": "30"}) from None
         except QueueFull as exc:
             self.metrics.errors.labels("queue_full").inc()
             retry = max(1, math.ceil(self.queue.waiting * self.queue.mean_job_seconds))
@@ -205,7 +323,7 @@ def _native_request(body: GenerateBody) -> GenerateRequest:
         width=body.width,
         images_per_prompt=body.n,
     )
-    return with_start_image(req, body.init_image, body.mask, body.strength)
+    return native_controls(body, with_start_image(req, body.init_image, body.mask, body.strength))
 
 
 def _native_response(job: Job, result: GenerationResult) -> GenerateResponse:
@@ -234,6 +352,10 @@ def native_router(server: Server) -> APIRouter:
     @r.get("/models")
     def models() -> dict[str, Any]:
         return {"models": sorted(server.generator.models), "default": server.generator.default_model}
+
+    @r.get("/controlnets")
+    def controlnets() -> dict[str, Any]:
+        return {"controlnets": sorted(server.generator.list_controlnets())}
 
     @r.post("/generate")
     async def generate(body: GenerateBody) -> GenerateResponse:
@@ -326,12 +448,13 @@ def a1111_router(server: Server) -> APIRouter:
 
     @r.post("/txt2img")
     async def txt2img(body: Txt2ImgBody) -> ImagesResponse:
-        return await run_a1111(body, a1111_request(body), "/sdapi/v1/txt2img")
+        req = a1111_controls(body.alwayson_scripts, a1111_request(body), None)
+        return await run_a1111(body, req, "/sdapi/v1/txt2img")
 
     @r.post("/img2img")
     async def img2img(body: Img2ImgBody) -> ImagesResponse:
         """img2img, and inpainting when ``mask`` is given (white repaints; ``inpainting_mask_invert``: 1
-        flips it). A1111's other inpaint options (mask blur, fill, full-res) are accepted and ignored."""
+        flips it) with A1111's mask blur, masked-area fill and "only masked" (full-res) options."""
         req = with_start_image(
             a1111_request(body),
             body.init_images[0],
@@ -339,31 +462,58 @@ def a1111_router(server: Server) -> APIRouter:
             body.denoising_strength,
             invert=bool(body.inpainting_mask_invert),
         )
+        if req.mask is not None:
+            blur_x = body.mask_blur if body.mask_blur is not None else body.mask_blur_x
+            blur_y = body.mask_blur if body.mask_blur is not None else body.mask_blur_y
+            req = replace(
+                req,
+                inpaint=InpaintOptions(
+                    mask_blur_x=blur_x,
+                    mask_blur_y=blur_y,
+                    fill=A1111_FILLS[body.inpainting_fill],
+                    full_res=body.inpaint_full_res,
+                    full_res_padding=body.inpaint_full_res_padding,
+                ),
+            )
+        req = a1111_controls(body.alwayson_scripts, req, body.init_images[0])
         return await run_a1111(body, req, "/sdapi/v1/img2img")
+
+    def options() -> dict[str, Any]:
+        return {
+            "sd_model_checkpoint": server.checkpoint,
+            "live_previews_enable": server.live_previews,
+            "show_progress_every_n_steps": server.preview_every,
+        }
 
     @r.get("/options")
     def get_options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": server.checkpoint}
+        return options()
 
     @r.post("/options")
     def set_options(body: OptionsBody) -> dict[str, Any]:
         if body.sd_model_checkpoint is not None:
             server.checkpoint = _model_name(server, body.sd_model_checkpoint)
-        return {"sd_model_checkpoint": server.checkpoint}
+        server.set_previews(body.live_previews_enable, body.show_progress_every_n_steps)
+        return options()
 
     @r.get("/sd-models")
     def sd_models() -> list[dict[str, Any]]:
-        return [
-            {
-                "title": name,
-                "model_name": name,
-                "hash": None,
-                "sha256": None,
-                "filename": str(path),
-                "config": None,
-            }
-            for name, path in gen.models.items()
-        ]
+        """A1111's list with its hashes (sha256 and the 10-digit shorthash, also in the title); hashed
+        on first request and cached, so only the first listing after a model changes reads its weights."""
+        listed = []
+        for name, path in gen.models.items():
+            digest = server.hashes.get(path)
+            listed.append(
+                {
+                    "title": f"{name} [{digest.shorthash}]",
+                    "model_name": name,
+                    "hash": digest.shorthash,
+                    "sha256": digest.sha256,
+                    "filename": str(path),
+                    "config": None,
+                }
+            )
+        return listed
 
     @r.get("/samplers")
     def samplers() -> list[dict[str, Any]]:
@@ -393,8 +543,12 @@ def a1111_router(server: Server) -> APIRouter:
         return [{"name": n, "alias": n, "path": str(p), "metadata": {}} for n, p in gen.list_loras().items()]
 
     @r.get("/progress")
-    def progress() -> dict[str, Any]:
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        """The running job's progress; ``current_image`` is its latest live preview (a PNG, base64) when
+        ``live_previews_enable`` is on and the client did not ask to skip it."""
         job = server.queue.current
+        preview = job.preview if job is not None and server.live_previews else None
+        current = None if preview is None or skip_current_image else encode_png(preview, "")
         state = {
             "skipped": False,
             "interrupted": bool(job and job.cancel_event.is_set()),
@@ -409,7 +563,7 @@ def a1111_router(server: Server) -> APIRouter:
             "progress": job.progress if job else 0.0,
             "eta_relative": 0.0,
             "state": state,
-            "current_image": None,
+            "current_image": current,
             "textinfo": None,
         }
 
@@ -424,6 +578,26 @@ def a1111_router(server: Server) -> APIRouter:
         items = {k: v for k, v in image.info.items() if isinstance(v, str)}
         text = items.get("parameters", "")
         return PngInfoResponse(info=text, items=items, parameters=parse_parameters(text) if text else {})
+
+    return r
+
+
+def controlnet_router(server: Server) -> APIRouter:
+    """The read-only endpoints of sd-webui-controlnet's API that clients query before sending units."""
+    r = APIRouter(prefix="/controlnet", tags=["a1111"])
+
+    @r.get("/model_list")
+    def model_list() -> dict[str, Any]:
+        return {"model_list": sorted(server.generator.list_controlnets())}
+
+    @r.get("/module_list")
+    def module_list() -> dict[str, Any]:
+        """No preprocessors run here: control images come preprocessed."""
+        return {"module_list": ["none"], "module_detail": {}}
+
+    @r.get("/version")
+    def version() -> dict[str, Any]:
+        return {"version": 2}
 
     return r
 
@@ -445,17 +619,25 @@ def create_app(generator: Generator, settings: ServeSettings | None = None) -> F
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        server.queue.shutdown()
+        # refuse new work at once (503), then let the worker finish what it accepted; the join runs in a
+        # thread so handlers still awaiting their jobs keep being served while it waits
+        server.queue.begin_shutdown()
+        await asyncio.to_thread(server.queue.shutdown)
 
     app = FastAPI(title="EriDiffusion", version="1", lifespan=lifespan)
     app.state.server = server
     auth = [Depends(_auth(server.settings.api_key))]
     app.include_router(native_router(server), dependencies=auth)
     app.include_router(a1111_router(server), dependencies=auth)
+    app.include_router(controlnet_router(server), dependencies=auth)
 
     @app.get("/health", tags=["ops"])
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(generator.models), "queue": server.queue.waiting}
+    def health(response: Response) -> dict[str, Any]:
+        """503 while draining for shutdown, so load balancers stop routing here."""
+        status = "shutting down" if server.queue.closing else "ok"
+        if server.queue.closing:
+            response.status_code = 503
+        return {"status": status, "models": sorted(generator.models), "queue": server.queue.waiting}
 
     @app.get("/metrics", tags=["ops"], dependencies=auth)
     def metrics() -> Response:

@@ -17,7 +17,10 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
-from eridiffusion.inference.generate import GenerateRequest
+import torch
+from PIL import Image
+
+from eridiffusion.inference.generate import GenerateRequest, Preview, make_grid, to_pil
 from eridiffusion.inference.generator import GenerationResult, Generator
 from eridiffusion.inference.samplers import resolve_sampler
 from eridiffusion.serving.metrics import Metrics
@@ -25,6 +28,10 @@ from eridiffusion.serving.metrics import Metrics
 
 class QueueFull(Exception):
     """The queue holds ``max_queue`` waiting jobs; the client should retry later."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining for shutdown: running and queued jobs finish, new ones are refused."""
 
 
 class JobCancelled(Exception):
@@ -45,6 +52,8 @@ class Job:
     error: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     future: Future[GenerationResult] = field(default_factory=Future)
+    preview: Image.Image | None = None
+    """The latest live preview (a grid of the batch's current estimates), when previews are on."""
 
     @property
     def progress(self) -> float:
@@ -55,8 +64,9 @@ class Job:
 
 def batch_key(job: Job) -> tuple[object, ...] | None:
     """Jobs with equal keys can share one forward batch and still give each image exactly what it would
-    get alone: same model, LoRAs, size, steps, CFG, negative prompt and a sampler that draws no noise
-    during sampling (ancestral samplers seed one generator per batch). None: run this job alone."""
+    get alone: same model, LoRAs, size, steps, CFG, negative prompt, ControlNet units (nets, images,
+    weights, windows) and a sampler that draws no noise during sampling (ancestral samplers seed one
+    generator per batch). None: run this job alone."""
     r = job.request
     try:
         # no sampler named: the model's default (ddim or flow_euler), both deterministic
@@ -66,7 +76,18 @@ def batch_key(job: Job) -> tuple[object, ...] | None:
     if r.init_image is not None or stochastic or any("<lora:" in p for p in r.prompts):
         return None
     loras = tuple(job.loras)
-    return (job.model, loras, r.height, r.width, r.steps, r.guidance_scale, r.negative_prompt, r.sampler)
+    controls = tuple(u.key() for u in r.controls)  # one ControlNet input per batch: same nets and images
+    return (
+        job.model,
+        loras,
+        r.height,
+        r.width,
+        r.steps,
+        r.guidance_scale,
+        r.negative_prompt,
+        r.sampler,
+        controls,
+    )
 
 
 class JobQueue:
@@ -93,6 +114,8 @@ class JobQueue:
         self.current: Job | None = None
         self.mean_job_seconds = 1.0
         """Moving average of batch run time, for the 429 answer's Retry-After."""
+        self.preview_every = 0
+        """Decode a live preview every this many steps; 0: off (each preview costs a VAE decode)."""
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -103,10 +126,15 @@ class JobQueue:
     def waiting(self) -> int:
         return len(self._pending)
 
+    @property
+    def closing(self) -> bool:
+        """True once shutdown began: new jobs are refused while the accepted ones finish."""
+        return self._closed
+
     def submit(self, job: Job) -> Job:
         with self._cond:
             if self._closed:
-                raise QueueFull("server is shutting down")
+                raise ShuttingDown("server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"queue full ({self.max_queue} jobs waiting)")
             self._pending.append(job)
@@ -128,11 +156,15 @@ class JobQueue:
             job.cancel_event.set()
         return job
 
-    def shutdown(self) -> None:
-        """Refuse new jobs, finish the running and queued ones, then stop the worker (graceful shutdown)."""
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs from now on; the worker still finishes the running and queued ones."""
         with self._cond:
             self._closed = True
             self._cond.notify()
+
+    def shutdown(self) -> None:
+        """Refuse new jobs, finish the running and queued ones, then stop the worker (graceful shutdown)."""
+        self.begin_shutdown()
         self._worker.join()
 
     def _forget_old(self) -> None:
@@ -183,6 +215,13 @@ class JobQueue:
             if all(j.cancel_event.is_set() for j in batch):
                 raise JobCancelled(f"job {first.id} cancelled")
 
+        def on_preview(step: int, pixels: torch.Tensor) -> None:
+            images = to_pil(pixels)
+            grid = make_grid(images, len(images)) if len(images) > 1 else images[0]
+            for job in batch:
+                job.preview = grid
+
+        preview = Preview(self.preview_every, on_preview) if self.preview_every > 0 else None
         request = first.request
         if len(batch) > 1:
             request = replace(
@@ -193,7 +232,9 @@ class JobQueue:
             )
         try:
             self.metrics.batch_size.observe(sum(_images(j) for j in batch))
-            result = self.generator.generate(request, first.model, first.loras, on_step=on_step)
+            result = self.generator.generate(
+                request, first.model, first.loras, on_step=on_step, preview=preview
+            )
         except JobCancelled as exc:
             for job in batch:
                 job.state = "cancelled"

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+def resident_bytes() -> float:
+    """This process's resident memory, from ``/proc/self/statm`` (Linux; no extra dependency); NaN where
+    there is no procfs, which Prometheus shows as a gap rather than a false zero."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return float(pages * os.sysconf("SC_PAGE_SIZE"))
 
 
 @dataclass
@@ -26,3 +40,18 @@ class Metrics:
         )
         self.errors = Counter("eri_errors_total", "Failed requests by kind", ["kind"], registry=r)
         self.cache_bytes = Gauge("eri_model_cache_bytes", "Bytes of weights in the model cache", registry=r)
+
+    def watch_memory(self, cache_bytes: Callable[[], float]) -> None:
+        """Memory gauges read at scrape time: process RSS, the model cache, and CUDA's allocator."""
+        r = self.registry
+        Gauge("eri_process_resident_bytes", "Resident memory of the server process", registry=r).set_function(
+            resident_bytes
+        )
+        self.cache_bytes.set_function(cache_bytes)
+        if torch.cuda.is_available():
+            Gauge("eri_cuda_allocated_bytes", "CUDA memory held by tensors", registry=r).set_function(
+                lambda: float(torch.cuda.memory_allocated())
+            )
+            Gauge(
+                "eri_cuda_reserved_bytes", "CUDA memory reserved by the caching allocator", registry=r
+            ).set_function(lambda: float(torch.cuda.memory_reserved()))

@@ -1,8 +1,8 @@
 """Request and response bodies: the native ``/v1`` API and the AUTOMATIC1111 ``/sdapi/v1`` surface.
 
 The A1111 bodies keep A1111's field names and defaults (steps 50, CFG 7, 512x512, seed -1 = random) and
-accept the extra fields its clients send (``styles``, ``restore_faces``, ``alwayson_scripts``...), which
-have no effect here, so unmodified clients work.
+accept the extra fields its clients send (``styles``, ``restore_faces``...), which have no effect here,
+so unmodified clients work; of ``alwayson_scripts`` only the ControlNet extension's units are honoured.
 """
 
 from __future__ import annotations
@@ -16,6 +16,17 @@ class LoraRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="adapter file path, or its file stem in the server's LoRA folders")
     weight: float = 1.0
+
+
+class ControlNetRef(BaseModel):
+    """One ControlNet unit of a native request."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="ControlNet name (GET /controlnet/model_list) or path on the server")
+    image: str = Field(description="base64 control image, already preprocessed (edges, depth, pose...)")
+    scale: float = Field(1.0, description="conditioning scale (A1111's control weight)")
+    guidance_start: float = Field(0.0, ge=0, le=1, description="share of the schedule before it applies")
+    guidance_end: float = Field(1.0, ge=0, le=1, description="share of the schedule after which it stops")
 
 
 class GenerateBody(BaseModel):
@@ -36,6 +47,9 @@ class GenerateBody(BaseModel):
     init_image: str | None = Field(None, description="img2img: base64 start image; size defaults to its own")
     strength: float = Field(0.75, gt=0, le=1, description="img2img: share of the schedule re-run")
     mask: str | None = Field(None, description="inpaint: base64 mask, white = repaint (needs init_image)")
+    controlnet: ControlNetRef | list[ControlNetRef] | None = Field(
+        None, description="ControlNet unit(s); several add their residuals"
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -73,6 +87,9 @@ class Txt2ImgBody(BaseModel):
     width: int = Field(512, ge=8)
     height: int = Field(512, ge=8)
     override_settings: dict[str, Any] = {}
+    alwayson_scripts: dict[str, Any] = Field(
+        {}, description="extension arguments; 'controlnet' (sd-webui-controlnet's format) is honoured"
+    )
     send_images: bool = True
 
 
@@ -80,7 +97,15 @@ class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] = Field(min_length=1, description="base64 start image (the first is used)")
     denoising_strength: float = Field(0.75, gt=0, le=1)
     mask: str | None = None
-    inpainting_mask_invert: int = 0
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: black repaints, white is kept")
+    mask_blur: int | None = Field(None, ge=0, description="sets both mask_blur_x and mask_blur_y")
+    mask_blur_x: int = Field(4, ge=0, description="Gaussian blur of the mask (pixels)")
+    mask_blur_y: int = Field(4, ge=0)
+    inpainting_fill: int = Field(
+        0, ge=0, le=3, description="masked area starts: 0 fill, 1 original, 2 latent noise, 3 latent nothing"
+    )
+    inpaint_full_res: bool = Field(True, description="only masked: inpaint the mask's box at full size")
+    inpaint_full_res_padding: int = Field(0, ge=0, description="pixels added around the mask's box")
 
 
 class ImagesResponse(BaseModel):
@@ -92,6 +117,8 @@ class ImagesResponse(BaseModel):
 class OptionsBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     sd_model_checkpoint: str | None = None
+    live_previews_enable: bool | None = Field(None, description="current_image in /progress (off by default)")
+    show_progress_every_n_steps: int | None = Field(None, ge=1, description="live preview every N steps")
 
 
 class PngInfoBody(BaseModel):
