@@ -247,3 +247,14 @@ def test_a_bad_concept_dataset_is_an_error_naming_the_field(
     job["datasets"][0]["synthetic"]["colours"] = ["mauve"]
     assert main(["train", str(write_yaml(tmp_path / "b.yaml", job))]) == EXIT_USER_ERROR
     assert "datasets[0].synthetic.colours: unknown ['mauve']" in capsys.readouterr().err
+
+
+def test_an_epoch_step_runs_the_epochs_the_loader_counts(tmp_path: Path) -> None:
+    """`eri validate` estimates from file counts; training lasts the epochs the loader really serves (a
+    dataset weight of 2 doubles them), with the LR schedule over that length."""
+    job = pipeline_job(tmp_path, name="w")
+    job["datasets"][0]["weight"] = 2.0
+    job["pipeline"]["steps"] = [job["pipeline"]["steps"][1]]
+    assert main(["train", str(write_yaml(tmp_path / "w.yaml", job))]) == 0
+    summary = json.loads((tmp_path / "output" / "w" / "pipeline_summary.json").read_text())
+    assert summary["diffusion"]["steps"] == 12  # 48 images x 2 / batch 8

@@ -10,6 +10,7 @@ changed one is refused with the paths that differ.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -328,6 +329,12 @@ def _setup_stage(cfg: JobConfig, family: ModelFamily, plan: StagePlan, device: t
     group_cfgs = {comp: _group_config(cfg, stage, comp) for comp in groups}
     optimizers = {comp: _build_group_optimizer(params, group_cfgs[comp]) for comp, params in groups.items()}
     data = _stage_data(cfg, stage, plan.index, family)
+    if stage.n_epochs is not None:
+        # the plan estimated epochs from file counts; the loader knows the real batches per epoch (weights,
+        # regularisation balance, buckets), and the length also sets the LR schedule
+        per_step = 1 if stage.kind == "autoencoder" else cfg.train.gradient_accumulation_steps
+        batches = stage.n_epochs * data.batches_per_epoch
+        plan = dataclasses.replace(plan, steps=max(1, -(-batches // per_step)))
     offload = prepare_caches(data, family, device, cfg.logging.progress)
     ema_cfg = stage.ema or cfg.train.ema
     live = _Stage(plan, groups, group_cfgs, _OptimizerSet(optimizers), data, disc, None, offload)
