@@ -251,3 +251,14 @@ def test_adamw8bit_trains_and_resumes(tmp_path: Path) -> None:
         json.loads(x)["loss"] for x in (tmp_path / "output" / "t" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(losses) == 5 and all(np.isfinite(losses))
+
+
+def test_data_shapes_cli_writes_a_concept_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "black"
+    args = ["data", "shapes", str(out), "--n", "8", "--resolution", "16", "--colours", "black"]
+    assert main([*args, "--held-out", "black triangle"]) == 0
+    captions = [p.read_text().split() for p in out.glob("[0-9]*.txt")]
+    assert {c[2] for c in captions} == {"black"} and {c[3] for c in captions} == {"circle", "square"}
+    assert "a black triangle" in (out / "held_out_prompts.txt").read_text().splitlines()
+    assert main(["data", "shapes", str(tmp_path / "bad"), "--colours", "mauve"]) == EXIT_USER_ERROR
+    assert "unknown ['mauve']" in capsys.readouterr().err
