@@ -208,10 +208,16 @@ def load_rgb(path: Path | IO[bytes]) -> Image.Image:
     return img.convert("RGB")
 
 
+def cover_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """(width, height) that :func:`cover_resize` scales an image of ``size`` to; computed without decoding
+    so crop offsets (SDXL's crop conditioning) can be known for images that are cached or not loaded."""
+    scale = max(width / size[0], height / size[1])
+    return max(width, round(size[0] * scale)), max(height, round(size[1] * scale))
+
+
 def cover_resize(img: Image.Image, width: int, height: int) -> Image.Image:
     """Scale (LANCZOS, aspect kept) to the smallest size that covers width x height; crop it afterwards."""
-    scale = max(width / img.width, height / img.height)
-    new_size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    new_size = cover_size(img.size, width, height)
     return img.resize(new_size, Image.Resampling.LANCZOS) if new_size != img.size else img
 
 

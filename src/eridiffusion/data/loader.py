@@ -34,6 +34,7 @@ from eridiffusion.data.folder import (
     DatasetError,
     FolderSource,
     cover_resize,
+    cover_size,
     crop_offsets,
     scan_folder,
     to_uint8_tensor,
@@ -93,9 +94,26 @@ class Batch:
     latents: torch.Tensor | None = None
     cond: Conditioning | None = None
     empty_cond: Conditioning | None = None
+    original_sizes: torch.Tensor | None = None
+    """(B, 2) int64 (height, width) of each source image before the bucket resize, for SDXL's size
+    conditioning; None when the batch does not come from image files (tests, hand-built batches)."""
+    crops: torch.Tensor | None = None
+    """(B, 2) int64 (top, left) of each crop in the resized image's pixels, mirrored with a horizontal flip
+    (kohya's convention), for SDXL's crop conditioning; None together with ``original_sizes``."""
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def size_conditioning(self) -> torch.Tensor | None:
+        """(B, 4) float rows (original h, original w, crop top, crop left), or None without the metadata.
+
+        The loop passes this to every family as the ``size_conditioning`` entry of its ``Conditioning``;
+        only families trained with such micro-conditioning (SDXL) read it, so the trainer needs no
+        family branch.
+        """
+        if self.original_sizes is None or self.crops is None:
+            return None
+        return torch.cat([self.original_sizes, self.crops], dim=1).float()
 
     def cached_conditioning(self, drop: torch.Tensor, device: torch.device) -> Conditioning:
         """The cached text embeddings on ``device``, with dropped rows swapped for the empty prompt's
@@ -451,18 +469,42 @@ class TrainingData:
             text = shuffle_tags(text, cfg.keep_tokens, _rng(self.seed, epoch, v, _TAGS))
         return text
 
+    def _crop_position(self, v: int, epoch: int | None) -> tuple[float, float] | None:
+        """Random-crop fractions of view v this epoch, drawn per (seed, epoch, view); None: centred (also
+        for ``epoch=None``, which is how the latent cache encodes views)."""
+        if self.configs[self.views[v].dataset].crop != "random" or epoch is None:
+            return None
+        x, y = _rng(self.seed, epoch, v, _CROP).random(2).tolist()
+        return x, y
+
     def view_pixels(self, v: int, epoch: int | None, flip: bool) -> torch.Tensor:
         """uint8 (3, H, W) crop of view v; random crops are drawn per (seed, epoch, view)."""
         view = self.views[v]
         image = self._preloaded.get(v)
         if image is None:
             image = self._decode(v)
-        position = None
-        if self.configs[view.dataset].crop == "random" and epoch is not None:
-            position = tuple(_rng(self.seed, epoch, v, _CROP).random(2).tolist())
+        position = self._crop_position(v, epoch)
         left, top = crop_offsets((image.shape[2], image.shape[1]), view.width, view.height, position)
         image = image[:, top : top + view.height, left : left + view.width]
         return image.flip(-1) if flip else image
+
+    def size_and_crop(self, v: int, epoch: int | None, flip: bool) -> tuple[int, int, int, int]:
+        """(original height, original width, crop top, crop left) of view v as :meth:`view_pixels` crops it.
+
+        SDXL was trained conditioned on these (Podell et al. 2023, section 2.2), as kohya sd-scripts and
+        SimpleTuner train it: the source image's size before the bucket resize, and the crop's offset in
+        the resized image. A flipped crop's left offset is measured from the mirrored image's left edge
+        (``resized width - left - crop width``), as kohya does, so the model sees where the crop lies in
+        the picture it was actually shown. Computed from the image's stored size, never by decoding, so
+        cached latents (always centre crops, ``epoch=None``) get the same values as the pixels they encode.
+        """
+        view = self.views[v]
+        width, height = self.sources[view.dataset].sizes[view.item]
+        resized = cover_size((width, height), view.width, view.height)
+        left, top = crop_offsets(resized, view.width, view.height, self._crop_position(v, epoch))
+        if flip:
+            left = resized[0] - left - view.width
+        return height, width, top, left
 
     def label(self, v: int) -> str:
         view = self.views[v]
@@ -496,6 +538,12 @@ class TrainingData:
             )
         captions = [self.caption(v, epoch) for v in kept]
         stacked = torch.stack(tensors)
+        flip_of = dict(zip(ids, flips, strict=True))
+        # cached latents are centre crops (see data/cache.py), so their geometry is drawn with epoch=None
+        geometry = torch.tensor(
+            [self.size_and_crop(v, None if latents_cached else epoch, flip_of[v]) for v in kept],
+            dtype=torch.int64,
+        )
         batch = Batch(
             pixels=None if latents_cached else stacked.float().div_(127.5).sub_(1.0),
             captions=captions,
@@ -505,6 +553,8 @@ class TrainingData:
             epoch=epoch,
             loss_weights=torch.tensor([self.configs[self.views[v].dataset].loss_weight for v in kept]),
             latents=stacked if latents_cached else None,
+            original_sizes=geometry[:, :2],
+            crops=geometry[:, 2:],
         )
         if text_cached:
             rows = [self._text(c) for c in captions]

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 Conditioning = dict[str, torch.Tensor]
-"""Named tensors produced by ``encode_prompt`` and consumed by ``predict`` (batch dimension first)."""
+"""Named tensors produced by ``encode_prompt`` and consumed by ``predict`` (batch dimension first). The
+training loop may add ``size_conditioning`` (B, 4: original h, original w, crop top, crop left) from the
+data; families read only the entries they know, so only SDXL uses it."""
 
 
 @dataclass(frozen=True)

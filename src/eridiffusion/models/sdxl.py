@@ -23,11 +23,22 @@ def time_ids(
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
 
 
-class SDXLFamily(StableDiffusionFamily):
-    """``Conditioning``: ``context`` (B, 77, 2048), ``pooled`` (B, 1280) and optionally ``time_ids`` (B, 6).
+def batch_time_ids(size_conditioning: torch.Tensor, target_size: tuple[int, int]) -> torch.Tensor:
+    """(B, 6) time ids from per-image (orig_h, orig_w, crop_top, crop_left) rows and the batch's (h, w)."""
+    target = torch.tensor(target_size, dtype=torch.float32, device=size_conditioning.device)
+    rows = size_conditioning.float()
+    return torch.cat([rows, target.expand(rows.shape[0], 2)], dim=1)
 
-    Without ``time_ids`` (sampling, or data without size metadata) :meth:`predict` uses what diffusers'
-    SDXL pipeline uses by default: original size = target size = the generated size, crop (0, 0).
+
+class SDXLFamily(StableDiffusionFamily):
+    """``Conditioning``: ``context`` (B, 77, 2048), ``pooled`` (B, 1280) and optionally ``time_ids`` (B, 6)
+    or ``size_conditioning`` (B, 4).
+
+    ``size_conditioning`` -- (original h, original w, crop top, crop left) per image -- is what the
+    training loop adds from the data (:meth:`eridiffusion.data.loader.Batch.size_conditioning`); the target
+    size is the batch's own image size. Without either (sampling, or data without size metadata)
+    :meth:`predict` uses what diffusers' SDXL pipeline uses by default: original size = target size = the
+    generated size, crop (0, 0).
     Empty prompts encode to zeros (``force_zeros_for_empty_prompt``, the SDXL base pipeline's setting), in
     training (caption dropout) and sampling (empty negative prompt) alike.
     """
@@ -80,7 +91,11 @@ class SDXLFamily(StableDiffusionFamily):
         if ids is None:
             f = self.vae_scale_factor
             size = (noisy.shape[-2] * f, noisy.shape[-1] * f)
-            ids = time_ids(size, (0, 0), size).expand(noisy.shape[0], 6).to(noisy.device)
+            given = cond.get("size_conditioning")
+            if given is None:
+                ids = time_ids(size, (0, 0), size).expand(noisy.shape[0], 6).to(noisy.device)
+            else:
+                ids = batch_time_ids(given, size).to(noisy.device)
         return {"text_embeds": cond["pooled"], "time_ids": ids}
 
     def kohya_text_prefix(self, component: str) -> str:

@@ -103,6 +103,9 @@ def diffusion_loss(
         cond = batch.cached_conditioning(drop, device)
     else:
         cond = family.encode_prompt(captions)
+    size_cond = batch.size_conditioning()
+    if size_cond is not None:  # SDXL's micro-conditioning; families without it ignore the entry
+        cond["size_conditioning"] = size_cond.to(device)
     pred = family.predict(target.noisy, timesteps, cond)
     losses = per_sample_loss(pred, target.target, cfg.train.loss, cfg.train.huber_delta)
     if cfg.train.min_snr_gamma is not None:
