@@ -195,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int | None) -> dict:
     """Score a run's result: its model folder, or for adapter runs its base model plus its adapter file."""
     from eridiffusion.device import resolve_device
-    from eridiffusion.inference.evaluate import EvalSettings, evaluate, prompts_path, read_prompts
+    from eridiffusion.inference.evaluate import EvalSettings, evaluate_into, prompts_path, read_prompts
     from eridiffusion.models import load_family
     from eridiffusion.networks import apply_adapter_files
     from eridiffusion.training.loop import load_or_build
@@ -214,11 +214,7 @@ def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int
         evaluated = str(cfg.run_dir / "model")
         family = load_family(evaluated)
     family.to(device)
-    report = evaluate(family, prompts, settings, device, grid_path=cfg.run_dir / "eval_grid.png")
-    report["model"] = evaluated
-    report["prompts_file"] = str(path)
-    (cfg.run_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    return report
+    return evaluate_into(family, path, prompts, settings, device, cfg.run_dir, model=evaluated)
 
 
 def _print_eval(report: dict) -> None:

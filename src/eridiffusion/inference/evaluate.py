@@ -6,6 +6,7 @@ weights, so the score measures the diffusion model alone and is reproducible acr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,4 +74,22 @@ def evaluate(
             grid_path
         )
         report["grid"] = str(grid_path)
+    return report
+
+
+def evaluate_into(
+    family: ModelFamily,
+    prompts_file: Path,
+    prompts: list[str],
+    settings: EvalSettings,
+    device: torch.device,
+    out_dir: Path,
+    **info: str,
+) -> dict[str, Any]:
+    """:func:`evaluate`, with the grid and the report (``eval_grid.png``, ``eval.json``, plus ``info`` such as
+    the model evaluated) written to ``out_dir``: what ``eri eval`` and a pipeline step's ``eval`` leave."""
+    report = evaluate(family, prompts, settings, device, grid_path=out_dir / "eval_grid.png")
+    report.update(info)
+    report["prompts_file"] = str(prompts_file)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report

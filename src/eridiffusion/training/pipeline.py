@@ -27,7 +27,7 @@ from eridiffusion.data.cache import EncoderOffload, encoder_names, prepare_cache
 from eridiffusion.data.folder import IMAGE_EXTENSIONS
 from eridiffusion.data.loader import TrainingData
 from eridiffusion.device import resolve_device
-from eridiffusion.inference.evaluate import EvalSettings, evaluate, prompts_path, read_prompts
+from eridiffusion.inference.evaluate import EvalSettings, evaluate_into, prompts_path, read_prompts
 from eridiffusion.models import ModelFamily, load_family
 from eridiffusion.networks import attach_network, export_network, merge_adapters
 from eridiffusion.networks.adapters import lora_parameter_count
@@ -178,7 +178,7 @@ def _cache_problems(family: ModelFamily, stage: StageConfig, where: str, cfg: Jo
     """A cache stands in for an encoder, so the encoder must stay frozen for the whole step."""
     if stage.kind == "autoencoder":
         return []
-    datasets = stage.datasets or cfg.datasets
+    datasets = _stage_datasets(cfg, stage)
     image_names, text_names = encoder_names(family)
     problems = []
     if any(d.cache_latents_to_disk for d in datasets):
@@ -202,6 +202,7 @@ def plan_stages(cfg: JobConfig, family: ModelFamily) -> tuple[list[StagePlan], l
     assert cfg.pipeline is not None
     plans, problems = [], []
     components = set(family.modules())
+    generated = generated_folders(cfg)
     for i, stage in enumerate(cfg.pipeline.steps):
         where = f"pipeline.steps[{i}] ({stage.name})"
         for comp in [*stage.trainable, *stage.frozen]:
@@ -225,9 +226,8 @@ def plan_stages(cfg: JobConfig, family: ModelFamily) -> tuple[list[StagePlan], l
         problems += _cache_problems(family, stage, where, cfg)
         if "discriminator" in stage.trainable and not stage.autoencoder.discriminator:
             problems.append(f"{where}: trainable discriminator needs autoencoder.discriminator: true")
-        images, data_problems = estimate_images(
-            stage.datasets or cfg.datasets, f"{where}.datasets", generated_folders(cfg)
-        )
+        datasets = stage.datasets or cfg.datasets
+        images, data_problems = estimate_images(datasets, f"{where}.datasets", generated)
         problems += data_problems
         batch = stage.batch_size or cfg.train.batch_size
         if images < batch:
@@ -492,13 +492,9 @@ def _evaluate_stage(
     """Prompt adherence of the step's result; the report and grid go beside the step's model."""
     e = live.plan.config.eval
     assert e is not None
-    out = _stage_dir(cfg.run_dir, live.plan)
     path = prompts_path(e, _stage_datasets(cfg, live.plan.config))
-    report = evaluate(
-        family, read_prompts(path), EvalSettings.from_config(e), device, grid_path=out / "eval_grid.png"
-    )
-    report["prompts_file"] = str(path)
-    (out / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    settings, out = EvalSettings.from_config(e), _stage_dir(cfg.run_dir, live.plan)
+    report = evaluate_into(family, path, read_prompts(path), settings, device, out)
     scores = {k: report[f"{k}_accuracy"] for k in ("colour", "shape", "both")}
     return {f"eval_{k}": v for k, v in scores.items() if v is not None}
 
