@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: quickstart test lint bench
+.PHONY: quickstart test test-slow lint bench
 
 $(BIN)/eri: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ quickstart: $(BIN)/eri
 
 test: $(BIN)/eri
 	$(BIN)/python -m pytest -q
+
+# the multi-process and other slow end-to-end tests (CI runs them after `make test`)
+test-slow: $(BIN)/eri
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(BIN)/eri
 	$(BIN)/ruff check src tests bench

@@ -37,13 +37,64 @@ def _load(config: str, overrides: list[str]) -> JobConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from eridiffusion.training.engine import launched_world_size
     from eridiffusion.training.loop import train
 
     cfg = _load(args.config, args.overrides)
+    if args.num_processes > 1 and launched_world_size() == 1:
+        return _launch(args.num_processes, ["train", args.config, *args.overrides])
+    if launched_world_size() > 1 and int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one process speaks for the run
     result = train(cfg)
-    print(f"trained {cfg.name}: {result.final_step} steps, final loss {result.last_loss:.4f}")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.already_finished:
+        print(f"{cfg.name} already finished ({result.final_step} steps); nothing to do")
+        print("  to train again, set save.resume: false (the finished run is moved aside) or change name")
+    else:
+        loss = "n/a" if result.last_loss is None else f"{result.last_loss:.4f}"
+        print(f"trained {cfg.name}: {result.final_step} steps, final loss {loss}")
     print(f"output: {result.output}")
     return 0
+
+
+def _launch(processes: int, argv: list[str]) -> int:
+    """``eri train --num-processes N``: this command in N processes on this machine, with the environment
+    ``torchrun`` / ``accelerate launch`` would set (RANK, WORLD_SIZE, a free MASTER_PORT on 127.0.0.1).
+
+    Unlike torchrun it hands back the failing process's own exit code (2 for a user error, 3 for a NaN loss)
+    and stops the others as soon as one fails, without a launcher traceback over the real message."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes)}
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    print(f"launching {processes} processes (ranks 0-{processes - 1}, port {port})", file=sys.stderr)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "eridiffusion.cli", *argv],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(processes)},
+        )
+        for r in range(processes)
+    ]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+    return failed[0] if failed else 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -333,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (or resume) the job in CONFIG")
     with_config(p)
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes (one per GPU; gloo on CPU); see README 'Several GPUs'",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check CONFIG and print the training plan without training")
@@ -469,14 +527,23 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers", "urllib3", "PIL", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from eridiffusion.data.folder import DatasetError
-    from eridiffusion.training.loop import NonFiniteLossError
+    from eridiffusion.training.checkpoint import CheckpointError, DiskFullError
+    from eridiffusion.training.step import NonFiniteLossError
 
     try:
         return args.func(args)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (
+        ConfigError,
+        DatasetError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        CheckpointError,
+        DiskFullError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from eridiffusion.cli import EXIT_NONFINITE, EXIT_USER_ERROR, main
 from eridiffusion.config import load_config
-from eridiffusion.training import loop
+from eridiffusion.training import loop, stages
 from tests.conftest import tiny_job, write_yaml
 
 
@@ -104,7 +104,7 @@ def test_resume_after_crash_is_bit_identical(tmp_path: Path, monkeypatch: pytest
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    real_loss = loop.diffusion_loss
+    real_loss = stages.diffusion_loss
     calls = {"n": 0}
 
     def nan_on_third(*args, **kwargs):  # noqa: ANN002, ANN003
@@ -112,7 +112,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         out = real_loss(*args, **kwargs)
         return out * float("nan") if calls["n"] == 3 else out
 
-    monkeypatch.setattr(loop, "diffusion_loss", nan_on_third)
+    monkeypatch.setattr(stages, "diffusion_loss", nan_on_third)  # where the step looks it up
     cfg = write_yaml(tmp_path / "job.yaml", tiny_job(tmp_path))
     assert main(["train", str(cfg)]) == EXIT_NONFINITE
     err = capsys.readouterr().err
@@ -244,8 +244,9 @@ def test_adamw8bit_trains_and_resumes(tmp_path: Path) -> None:
     opt = torch.load(
         tmp_path / "output" / "t" / "checkpoints" / "step_000003" / "optimizer.pt", weights_only=True
     )
-    # bitsandbytes' own state layout was checkpointed (it keeps large tensors in 8 bits while training)
-    assert any("__bnb_optimizer_quant_state__" in state for state in opt["state"].values())
+    # bitsandbytes' own state layout was checkpointed (it keeps large tensors in 8 bits while training);
+    # optimizer.pt holds one state dict per parameter group, "model" for a single-stage job
+    assert any("__bnb_optimizer_quant_state__" in state for state in opt["model"]["state"].values())
     assert main(["train", str(cfg), "train.optimizer.type=adamw8bit", "train.steps=5", "save.every=2"]) == 0
     losses = [
         json.loads(x)["loss"] for x in (tmp_path / "output" / "t" / "metrics.jsonl").read_text().splitlines()

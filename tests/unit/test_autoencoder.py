@@ -45,7 +45,7 @@ def test_hinge_loss_values() -> None:
     loss, metrics = discriminator_loss(disc, real, fake)
     # real logit 2 -> relu(1-2)=0 ; fake logit -0.5 -> relu(1-0.5)=0.5 ; mean of the two halves
     assert loss.item() == pytest.approx(0.25)
-    assert metrics["d_real"] == pytest.approx(2.0) and metrics["d_fake"] == pytest.approx(-0.5)
+    assert float(metrics["d_real"]) == pytest.approx(2.0) and float(metrics["d_fake"]) == pytest.approx(-0.5)
 
 
 def test_generator_loss_adds_adversarial_term_only_after_disc_start() -> None:
@@ -55,8 +55,8 @@ def test_generator_loss_adds_adversarial_term_only_after_disc_start() -> None:
     before, recon, m0 = generator_loss(vae, pixels, disc, 2, cfg, torch.Generator().manual_seed(0))
     assert "g_adv" not in m0 and recon.shape == pixels.shape and not recon.requires_grad
     after, _, m1 = generator_loss(vae, pixels, disc, 3, cfg, torch.Generator().manual_seed(0))
-    assert after.item() == pytest.approx(before.item() + 0.5 * m1["g_adv"], rel=1e-5)
-    assert m0["rec_loss"] == pytest.approx(m1["rec_loss"])
+    assert after.item() == pytest.approx(before.item() + 0.5 * float(m1["g_adv"]), rel=1e-5)
+    assert float(m0["rec_loss"]) == pytest.approx(float(m1["rec_loss"]))
 
 
 def test_mse_weight_adds_the_squared_error_to_the_reconstruction_loss() -> None:
@@ -67,7 +67,7 @@ def test_mse_weight_adds_the_squared_error_to_the_reconstruction_loss() -> None:
     _, recon, m0 = generator_loss(vae, pixels, None, 0, l1_only, torch.Generator().manual_seed(0))
     _, _, m1 = generator_loss(vae, pixels, None, 0, with_mse, torch.Generator().manual_seed(0))
     mse = torch.nn.functional.mse_loss(recon, pixels).item()
-    assert m1["rec_loss"] == pytest.approx(m0["rec_loss"] + 2.0 * mse, rel=1e-5)
+    assert float(m1["rec_loss"]) == pytest.approx(float(m0["rec_loss"]) + 2.0 * mse, rel=1e-5)
 
 
 def test_latent_scaling_factor_whitens_latents() -> None:

@@ -64,7 +64,11 @@ def test_minimal_config_fills_defaults() -> None:
             "bogus",
             "datasets, eval, logging, model, name, network, output_dir, pipeline, sample, save, train",
         ),
-        (minimal(train={"learning_rate": 1e-4}), "train.learning_rate", "batch_size, device, ema,"),
+        (
+            minimal(train={"learning_rate": 1e-4}),
+            "train.learning_rate",
+            "batch_size, device, distributed, ema,",
+        ),
         (
             minimal(train={"optimizer": {"typ": "sgd"}}),
             "train.optimizer.typ",

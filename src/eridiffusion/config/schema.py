@@ -75,6 +75,21 @@ class OptimizerConfig(Strict):
     eps: float = Field(default=1e-8, gt=0)
 
 
+class DistributedConfig(Strict):
+    """How several processes (``eri train --num-processes N`` or ``accelerate launch``) share the work."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="ddp: every process holds the whole model and gradients are averaged; fsdp: weights, "
+        "gradients and optimizer state are sharded across processes (full fine-tunes of large models)",
+    )
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        default="full_shard",
+        description="full_shard frees gathered weights after each block's forward (least memory); "
+        "shard_grad_op keeps them until backward (faster, more memory)",
+    )
+
+
 class TrainConfig(Strict):
     """Optimisation settings; one ``step`` is one optimizer update (after accumulation)."""
 
@@ -98,6 +113,9 @@ class TrainConfig(Strict):
     seed: int = 42
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
     num_workers: int = Field(default=0, ge=0, description="data loading processes; 0 loads in the trainer")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="multi-process training (one process: ignored)"
+    )
 
 
 class SaveConfig(Strict):
@@ -126,8 +144,21 @@ class SampleConfig(Strict):
     images_per_prompt: int = Field(default=4, ge=1)
 
 
+class WandbConfig(Strict):
+    """Weights & Biases logging (``pip install wandb``); the same scalars, sample grids and the config."""
+
+    project: str = Field(default="eridiffusion", min_length=1)
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = Field(
+        default="online", description="offline writes a local run folder to sync later with `wandb sync`"
+    )
+    run_name: str | None = Field(default=None, description="null: the job's name")
+    tags: list[str] = Field(default_factory=list)
+
+
 class LoggingConfig(Strict):
     tensorboard: bool = True
+    wandb: WandbConfig | None = Field(default=None, description="null: no W&B logging")
     log_every: int = Field(default=10, ge=1)
     progress: bool = True
 

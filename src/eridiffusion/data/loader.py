@@ -14,6 +14,7 @@ and tag shuffles are drawn per (seed, epoch, view) for the same reason.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import math
 from collections import Counter, defaultdict
@@ -101,8 +102,58 @@ class Batch:
     """(B, 2) int64 (top, left) of each crop in the resized image's pixels, mirrored with a horizontal flip
     (kohya's convention), for SDXL's crop conditioning; None together with ``original_sizes``."""
 
+    global_size: int | None = None
+    """Samples in the whole micro-batch when this is one process's share of it (multi-process training):
+    random draws (noise, timesteps, caption dropout) are made for every row of the whole batch and each
+    process takes its own rows, so N processes see exactly what one process with N x the batch would."""
+    offset: int = 0
+    """Index of this share's first row inside the whole micro-batch."""
+    shares: int = 1
+    """How many processes split the whole micro-batch."""
+
     def __len__(self) -> int:
         return len(self.captions)
+
+    def share(self, rank: int, world: int) -> Batch:
+        """Process ``rank``'s rows of this micro-batch: a contiguous, near-even split.
+
+        A process whose share would be empty (a bucket's last batch smaller than the number of processes)
+        gets the first row with loss weight 0, so every process runs the same forward/backward and the
+        padding row adds nothing to the gradient.
+        """
+        n = len(self)
+        start, stop = n * rank // world, n * (rank + 1) // world
+        pad = start == stop
+        rows = slice(0, 1) if pad else slice(start, stop)
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        weights = self.loss_weights[rows] * (0.0 if pad else 1.0)
+        return dataclasses.replace(
+            self,
+            pixels=cut(self.pixels),
+            captions=self.captions[rows],
+            dropout_rates=self.dropout_rates[rows],
+            loss_weights=weights,
+            latents=cut(self.latents),
+            cond=None if self.cond is None else {k: v[rows] for k, v in self.cond.items()},
+            original_sizes=cut(self.original_sizes),
+            crops=cut(self.crops),
+            global_size=n,
+            offset=rows.start,
+            shares=world,
+        )
+
+    def pin_memory(self) -> Batch:
+        """A copy whose tensors sit in page-locked memory, so the copy to a GPU can overlap compute
+        (DataLoader calls this when ``pin_memory`` is on)."""
+
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        cond = None if self.cond is None else {k: v.pin_memory() for k, v in self.cond.items()}
+        return dataclasses.replace(self, pixels=pin(self.pixels), latents=pin(self.latents), cond=cond)
 
     def size_conditioning(self) -> torch.Tensor | None:
         """(B, 4) float rows (original h, original w, crop top, crop left), or None without the metadata.
@@ -576,12 +627,15 @@ class TrainingData:
             )
         return load_file(entry) if isinstance(entry, Path) else entry
 
-    def iterate(self, start: int, stop: int, num_workers: int = 0) -> Iterator[Batch]:
+    def iterate(
+        self, start: int, stop: int, num_workers: int = 0, pin_memory: bool = False
+    ) -> Iterator[Batch]:
         """Micro-batches start..stop-1 in order; with workers, each builds whole batches in parallel and
-        the DataLoader hands them back in sampler order, so the sequence is the same for any worker count."""
+        the DataLoader hands them back in sampler order, so the sequence is the same for any worker count.
+        ``pin_memory`` (CUDA training) page-locks each batch so its copy to the GPU can be asynchronous."""
         if num_workers == 0:
             for k in range(start, stop):
-                yield self.batch(k)
+                yield self.batch(k).pin_memory() if pin_memory else self.batch(k)
             return
         loader = torch.utils.data.DataLoader(
             _Batches(self),
@@ -590,6 +644,7 @@ class TrainingData:
             num_workers=num_workers,
             collate_fn=_identity,
             worker_init_fn=_one_thread,
+            pin_memory=pin_memory,
         )
         yield from loader
 

@@ -54,6 +54,7 @@ from eridiffusion.models.options import parse_model_options
 from eridiffusion.models.protocol import (
     Conditioning,
     FusedLayer,
+    module_device,
     require_size_multiple,
     underscored_lora_names,
 )
@@ -197,7 +198,7 @@ def clip_embeddings(
         max_length=encoder.config.max_position_embeddings,
         truncation=True,
         return_tensors="pt",
-    ).input_ids.to(encoder.device)
+    ).input_ids.to(module_device(encoder))
     out = encoder(ids, output_hidden_states=True)
     return out.hidden_states[-2], out[0] if isinstance(
         encoder, CLIPTextModelWithProjection
@@ -209,7 +210,7 @@ def t5_embeddings(
 ) -> torch.Tensor:
     ids = tokenizer(
         prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(encoder.device)
+    ).input_ids.to(module_device(encoder))
     return encoder(ids)[0]
 
 

@@ -44,7 +44,7 @@ from eridiffusion.models.flow_common import (
     rules_from_original,
     rules_to_original,
 )
-from eridiffusion.models.protocol import Conditioning
+from eridiffusion.models.protocol import Conditioning, module_dtype
 
 CONTROL_DOUBLE_KEY = "controlnet_double_"
 """``controlnet_double_{i}``: a ControlNet's residual for the i-th double-stream block."""
@@ -252,7 +252,7 @@ class FluxFamily(FlowTransformerFamily):
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         _, _, h, w = noisy.shape
-        dtype = self.transformer.dtype
+        dtype = module_dtype(self.transformer)
         out = self.transformer(
             **self._transformer_inputs(noisy, timesteps, cond, dtype, self.guidance_embeds),
             controlnet_block_samples=unpack_blocks(cond, CONTROL_DOUBLE_KEY, dtype),

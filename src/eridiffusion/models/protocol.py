@@ -203,3 +203,19 @@ def require_size_multiple(arch: str, factor: int, height: int, width: int) -> No
 def underscored_lora_names(kohya_prefix: str, diffusers_prefix: str, module_path: str) -> tuple[str, str]:
     """kohya's convention for models whose module names it shares (SD1.5 UNet, CLIP): dots -> underscores."""
     return f"{kohya_prefix}_{module_path.replace('.', '_')}", f"{diffusers_prefix}.{module_path}"
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point parameter: what diffusers' and transformers' ``.dtype``
+    return, without their walk over every parameter (7 ms per read on an SDXL UNet, read every step)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter (``.device`` of diffusers models walks them all)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

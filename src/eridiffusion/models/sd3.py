@@ -32,7 +32,7 @@ from eridiffusion.models.flow_common import (
     pad_to_width,
     rules_to_original,
 )
-from eridiffusion.models.protocol import Conditioning
+from eridiffusion.models.protocol import Conditioning, module_dtype
 from eridiffusion.models.stable_diffusion import vae_to_ldm
 
 CONTROL_BLOCK_KEY = "controlnet_block_"
@@ -190,7 +190,7 @@ class SD3Family(FlowTransformerFamily):
         }
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        dtype = self.transformer.dtype
+        dtype = module_dtype(self.transformer)
         out = self.transformer(
             hidden_states=noisy.to(dtype),
             timestep=timesteps.float(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from eridiffusion.models.protocol import Conditioning
+from eridiffusion.models.protocol import Conditioning, module_dtype
 from eridiffusion.models.stable_diffusion import StableDiffusionFamily, TextSlot, unet_key_to_ldm
 
 
@@ -77,7 +77,7 @@ class SDXLFamily(StableDiffusionFamily):
             hidden.append(out.hidden_states[-2])
             if slot.open_clip:
                 pooled = out.text_embeds
-        dtype = self.unet.dtype
+        dtype = module_dtype(self.unet)
         context = torch.cat([h.to(dtype) for h in hidden], dim=-1)
         pooled = pooled.to(dtype)
         if self.force_zeros_for_empty_prompt:

@@ -49,7 +49,13 @@ from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.controlnet import load_unet_controlnet, pack_unet_residuals, unet_residual_kwargs
 from eridiffusion.models.objectives import BETA_SCHEDULES, DDPMObjective
 from eridiffusion.models.options import parse_model_options
-from eridiffusion.models.protocol import Conditioning, require_size_multiple, underscored_lora_names
+from eridiffusion.models.protocol import (
+    Conditioning,
+    module_device,
+    module_dtype,
+    require_size_multiple,
+    underscored_lora_names,
+)
 from eridiffusion.models.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -183,7 +189,7 @@ class VAELatents:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE is never trained, so no graph is kept through it."""
         vae = self._vae_for_use()
-        posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        posterior = vae.encode(pixels.to(device=module_device(vae), dtype=module_dtype(vae))).latent_dist
         shift = self.vae.config.get("shift_factor") or 0.0
         return ((posterior.mean - shift) * self.vae.config.scaling_factor).float()
 
@@ -191,7 +197,7 @@ class VAELatents:
         vae = self._vae_for_use()
         shift = self.vae.config.get("shift_factor") or 0.0
         z = latents / self.vae.config.scaling_factor + shift
-        return vae.decode(z.to(device=vae.device, dtype=vae.dtype)).sample.float()
+        return vae.decode(z.to(device=module_device(vae), dtype=module_dtype(vae))).sample.float()
 
 
 class StableDiffusionFamily(VAELatents):
@@ -388,7 +394,7 @@ class StableDiffusionFamily(VAELatents):
             max_length=encoder.config.max_position_embeddings,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(encoder.device)
+        ).input_ids.to(module_device(encoder))
 
     def added_cond(self, noisy: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
         """The UNet's ``added_cond_kwargs`` (SDXL's pooled text and size ids); SD1.5 has none. A ControlNet
@@ -401,7 +407,7 @@ class StableDiffusionFamily(VAELatents):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet in its own dtype (frozen weights may be stored in bf16/fp16 while inputs are fp32),
         plus the ControlNet residuals ``cond`` carries, if any."""
-        dtype = self.unet.dtype
+        dtype = module_dtype(self.unet)
         added = {k: v.to(dtype) for k, v in self.added_cond(noisy, cond).items()} or None
         return self.unet(
             noisy.to(dtype),

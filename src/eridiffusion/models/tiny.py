@@ -22,7 +22,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from eridiffusion.models.objectives import DDPMObjective
 from eridiffusion.models.options import parse_model_options
-from eridiffusion.models.protocol import Conditioning, require_size_multiple, underscored_lora_names
+from eridiffusion.models.protocol import (
+    Conditioning,
+    module_device,
+    module_dtype,
+    require_size_multiple,
+    underscored_lora_names,
+)
 from eridiffusion.models.tokenizer import build_tokenizer
 
 FAMILY_FILE = "eri_family.json"
@@ -203,14 +209,14 @@ class TinyFamily:
             max_length=self.options.text_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
+        ).input_ids.to(module_device(self.text_encoder))
         return {"context": self.text_encoder(ids).last_hidden_state}
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return F.pixel_unshuffle(pixels, self.options.patch_size)
         # the posterior mean: deterministic latents, so data order alone fixes a training run
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean.float()
+        latents = self.vae.encode(pixels.to(module_dtype(self.vae))).latent_dist.mean.float()
         mean, std = self._channel_stats(latents)
         return (latents - mean) / std * self.vae.config.scaling_factor
 
@@ -219,7 +225,7 @@ class TinyFamily:
             return F.pixel_shuffle(latents, self.options.patch_size)
         mean, std = self._channel_stats(latents)
         raw = latents / self.vae.config.scaling_factor * std + mean
-        return self.vae.decode(raw.to(self.vae.dtype)).sample.float()
+        return self.vae.decode(raw.to(module_dtype(self.vae))).sample.float()
 
     def _channel_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel latent mean/std when an autoencoder step calibrated them (``latents_mean`` /
@@ -234,8 +240,9 @@ class TinyFamily:
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         # a frozen text encoder may be stored in bf16/fp16 (model.dtype) while the UNet trains in fp32
-        context = cond["context"].to(self.unet.dtype)
-        return self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=context).sample
+        dtype = module_dtype(self.unet)
+        context = cond["context"].to(dtype)
+        return self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context).sample
 
     def lora_key_names(self, component: str, module_path: str) -> tuple[str, str]:
         prefixes = {"denoiser": ("lora_unet", "unet"), "text_encoder": ("lora_te", "text_encoder")}

@@ -54,8 +54,9 @@ def generator_loss(
     step: int,
     cfg: AutoencoderLossConfig,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """(loss for the autoencoder, its reconstruction for the discriminator step, scalar metrics)."""
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss for the autoencoder, its reconstruction for the discriminator step, scalar metrics as detached
+    tensors: the trainer moves them to the host once per step, together)."""
     posterior = vae.encode(pixels).latent_dist
     noise = torch.randn(posterior.mean.shape, generator=generator).to(pixels.device, posterior.mean.dtype)
     latents = posterior.mean + posterior.std * noise
@@ -65,23 +66,24 @@ def generator_loss(
         rec = rec + cfg.mse_weight * F.mse_loss(recon, pixels)
     kl = posterior.kl().mean() / pixels[0].numel()
     loss = rec + cfg.kl_weight * kl
-    metrics = {"rec_loss": rec.item(), "kl": kl.item()}
+    metrics = {"rec_loss": rec.detach(), "kl": kl.detach()}
     if disc is not None and step >= cfg.disc_start:
         adv = -disc(recon).mean()
         loss = loss + cfg.disc_weight * adv
-        metrics["g_adv"] = adv.item()
-    metrics["loss"] = loss.item()
+        metrics["g_adv"] = adv.detach()
+    metrics["loss"] = loss.detach()
     return loss, recon.detach(), metrics
 
 
 def discriminator_loss(
     disc: PatchDiscriminator, real: torch.Tensor, fake: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Hinge loss (Lim & Ye 2017): push real logits above +1 and fake ones below -1."""
     d_real = disc(real)
     d_fake = disc(fake)
     loss = 0.5 * (F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean())
-    return loss, {"d_loss": loss.item(), "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
+    metrics = {"d_loss": loss.detach(), "d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
+    return loss, metrics
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from eridiffusion.data.loader import Batch
 from eridiffusion.models import ModelFamily, build_family
-from eridiffusion.training.loop import resolve_precision
+from eridiffusion.training.engine import resolve_precision
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "A10": 125.0}
 """Dense bf16 tensor-core peaks (no sparsity) by device-name substring."""
@@ -79,7 +79,7 @@ def run_bench(
     """Time ``steps`` full-fine-tune optimizer steps of the denoiser (after one untimed warm-up step)."""
     from eridiffusion.config.schema import JobConfig
     from eridiffusion.device import resolve_device
-    from eridiffusion.training.loop import diffusion_loss
+    from eridiffusion.training.step import diffusion_loss
 
     device = resolve_device(device_name)
     amp = resolve_precision(mixed_precision, device)

@@ -8,6 +8,7 @@ a half checkpoint where the resume logic would find it, and never touches the pr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -27,6 +28,57 @@ _DAMAGE = (OSError, ValueError, RuntimeError, TypeError, EOFError, pickle.Unpick
 """What a truncated or corrupt checkpoint file raises (safetensors and pickle errors are not OSErrors)."""
 
 
+class DiskFullError(RuntimeError):
+    """A write ran out of space; what was there before is untouched."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run can be read."""
+
+
+_WRITE_FAILURES = ("no space left", "file write failed", "basic_ios::clear", "iostream error", "disk quota")
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC as Python raises it, or as torch.save's C++ writer words it (it loses the errno)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _WRITE_FAILURES)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts/lists (weights, optimizer states)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def guarded_write(final: Path, write: Callable[[Path], None], needed: int) -> Path:
+    """:func:`atomic_write_dir` that checks the free space first and turns a full disk into one clear
+    :class:`DiskFullError` (the previous copy of ``final`` stays as it was)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(final.parent).free
+    mb = max(1, round(needed / 2**20))
+    if needed > free:
+        raise DiskFullError(
+            f"no space left on device at {final.parent}: {mb} MB needed, {free / 2**20:.0f} MB free; "
+            "free some space (or set output_dir elsewhere) and run the same command again to resume"
+        )
+    try:
+        return atomic_write_dir(final, write)
+    except (OSError, RuntimeError) as exc:
+        if not _is_disk_full(exc):
+            raise
+        raise DiskFullError(
+            f"no space left on device at {final.parent}, {mb} MB needed; the previous checkpoint is kept. "
+            "Free some space and run the same command again to resume"
+        ) from exc
+
+
 class StatefulOptimizer(Protocol):
     """An optimizer, or several behind one state dict (pipeline stages with per-component optimizers)."""
 
@@ -42,6 +94,10 @@ class TrainState:
     epoch: int = 0
     ema_updates: int = 0
     config_hash: str = ""
+    run_id: str = ""
+    """Which run wrote the checkpoint: rotation only ever deletes checkpoints of the run that is saving."""
+    world_size: int = 1
+    """Processes that trained it (the data order of a resume with another count differs; see README)."""
     last_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     # multi-stage pipelines: where in the pipeline, the watched metric, finished steps' summaries
@@ -96,18 +152,46 @@ def atomic_write_dir(final: Path, write: Any) -> Path:
     return final
 
 
+def recover_partial_writes(folder: Path) -> list[Path]:
+    """Tidy what a kill in the middle of :func:`atomic_write_dir` left in ``folder``: a half-written
+    ``.tmp-NAME-PID`` is removed; a ``.tmp-old-NAME-PID`` is the previous complete copy and is put back as
+    NAME when the kill came before the new one was renamed into place (else it is a redundant old copy)."""
+    if not folder.is_dir():
+        return []
+    touched = []
+    for p in sorted(folder.glob(f"{TMP_PREFIX}old-*")):
+        name = p.name[len(f"{TMP_PREFIX}old-") :].rsplit("-", 1)[0]
+        if (folder / name).exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.rename(folder / name)
+        touched.append(p)
+    for p in folder.glob(f"{TMP_PREFIX}*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            touched.append(p)
+    return touched
+
+
+def read_run_id(path: Path) -> str | None:
+    """The run id in a checkpoint's state.json; None when it cannot be read."""
+    try:
+        return str(json.loads((path / "state.json").read_text(encoding="utf-8")).get("run_id", ""))
+    except (OSError, ValueError):
+        return None
+
+
 class CheckpointManager:
     """Saves, lists, rotates and loads checkpoints in one folder."""
 
-    def __init__(self, folder: Path, keep: int) -> None:
+    def __init__(self, folder: Path, keep: int, run_id: str = "") -> None:
         self.folder = folder
         self.keep = keep
+        self.run_id = run_id
 
     def clean_partial(self) -> None:
         """Remove temporary folders a killed run left behind (they are never complete)."""
-        if self.folder.is_dir():
-            for p in self.folder.glob(f"{TMP_PREFIX}*"):
-                shutil.rmtree(p, ignore_errors=True)
+        recover_partial_writes(self.folder)
 
     def list(self) -> list[Path]:
         if not self.folder.is_dir():
@@ -127,11 +211,13 @@ class CheckpointManager:
         self,
         state: TrainState,
         trainable: dict[str, torch.Tensor],
-        optimizer: StatefulOptimizer,
+        optimizer: StatefulOptimizer | dict[str, Any],
         ema: dict[str, torch.Tensor] | None,
         extra: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Write one checkpoint; ``extra(folder)`` adds files (e.g. a usable LoRA) inside the same rename."""
+        """Write one checkpoint; ``extra(folder)`` adds files (e.g. a usable LoRA) inside the same rename.
+        ``optimizer`` is an optimizer (or set) or its state dict already gathered."""
+        opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
 
         def write(tmp: Path) -> None:
             save_file(
@@ -140,13 +226,15 @@ class CheckpointManager:
             )
             if ema is not None:
                 save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(opt_state, tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
             if extra is not None:
                 extra(tmp)
 
-        path = atomic_write_dir(self.folder / f"{PREFIX}{state.step:06d}", write)
-        for old in self.list()[: -self.keep]:
+        needed = 2 * tensor_bytes(trainable) + tensor_bytes(ema) + tensor_bytes(opt_state)
+        path = guarded_write(self.folder / f"{PREFIX}{state.step:06d}", write, needed + 2**16)
+        own = [p for p in self.list() if read_run_id(p) == self.run_id]
+        for old in own[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 

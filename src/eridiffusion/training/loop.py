@@ -1,46 +1,66 @@
 """The training loop: read it top to bottom.
 
-Determinism and exact resume come from three choices: batch *k* is a pure function of (seed, k) (see
+Every job is a pipeline of stages; a config without ``pipeline`` is a one-stage pipeline. :func:`train`
+prepares the run folder, resumes, and runs the stages in order; :func:`run_stage` loops optimizer steps until
+the stage's transition; :func:`train_step` (in :mod:`.stages`) and :func:`optimizer_step` (in :mod:`.step`)
+do one step for any stage kind; checkpoints are saved and restored in one place (:func:`save_checkpoint`,
+:func:`restore`).
+
+Determinism and exact resume come from three choices: micro-batch *k* is a pure function of (seed, k) (see
 :mod:`eridiffusion.data.loader`), every step draws its noise, timesteps and caption dropout from a generator
 seeded by (seed, step, micro-batch), and the LR is a pure function of the step. A checkpoint therefore only
-needs the weights, the optimizer, the EMA and a few counters.
+needs the weights, the optimizers, the EMA and a few counters.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from eridiffusion.config.load import dump_config
 from eridiffusion.config.schema import JobConfig
-from eridiffusion.data.cache import prepare_caches
-from eridiffusion.data.loader import Batch, TrainingData, open_sources
-from eridiffusion.device import resolve_device
-from eridiffusion.inference.generate import GenerateRequest, make_grid, sample, to_pil, upscale_nearest
+from eridiffusion.data.loader import open_sources
 from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models import ModelFamily, build_family, load_family
-from eridiffusion.networks import attach_network, export_network
+from eridiffusion.networks import export_network
 from eridiffusion.progress import progress_bar
 from eridiffusion.training.checkpoint import CheckpointManager, TrainState, atomic_write_dir
-from eridiffusion.training.ema import EMA
-from eridiffusion.training.losses import min_snr_weights, per_sample_loss
-from eridiffusion.training.optim import build_optimizer
-from eridiffusion.training.schedules import lr_factor
+from eridiffusion.training.engine import Engine, create_engine
+from eridiffusion.training.logs import RunLogger
+from eridiffusion.training.pipeline import StagePlan, changed_paths, pipeline_snapshot, plan_stages
+from eridiffusion.training.runs import Loaded, find_resume, is_finished, mark_finished, open_run
+from eridiffusion.training.samples import ema_weights, save_samples
+from eridiffusion.training.stages import (
+    LiveStage,
+    OptimizerSet,
+    evaluate_stage,
+    finish_stage,
+    setup_stage,
+    single_stage_plan,
+    train_step,
+    trainable_parameters,
+    transition_done,
+)
+from eridiffusion.training.step import NonFiniteLossError, diffusion_loss, step_generator
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainResult",
+    "TrainState",
+    "diffusion_loss",
+    "step_generator",
+    "train",
+    "trainable_parameters",
+]
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Loss became NaN/inf; the weights of this step were not applied and earlier checkpoints are kept."""
 
 
 @dataclass
@@ -51,25 +71,33 @@ class TrainResult:
     """The final model folder, or the adapter file for network runs."""
     last_loss: float | None
     resumed_from: Path | None
+    already_finished: bool = False
+    """The run had finished with this config before; nothing was trained or written."""
 
 
-def resolve_precision(setting: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype or None for full fp32. ``auto`` picks bf16 only where it is fast and safe."""
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[setting]
+@dataclass
+class Run:
+    """What every part of the loop shares for one job: its config, engine, checkpoints and logger."""
+
+    cfg: JobConfig
+    engine: Engine
+    ckpts: CheckpointManager
+    log: RunLogger
+    on_step: Callable[[TrainState], None] | None = None
 
 
 def config_fingerprint(cfg: JobConfig) -> str:
     """Hash of the settings that change the weights a run produces (not steps, saving, sampling, logging)."""
     data = cfg.model_dump(mode="json", exclude={"save", "sample", "logging", "eval", "output_dir", "name"})
-    data["train"].pop("steps", None)
-    data["train"].pop("num_workers", None)  # the batch sequence is the same for any worker count
+    for key in ("steps", "num_workers", "distributed"):  # same batches for any worker/process layout
+        data["train"].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2**63))
+def result_fingerprint(cfg: JobConfig) -> str:
+    """What a finished run's output is the result of: the weights' settings and its length."""
+    extra = json.dumps(pipeline_snapshot(cfg), sort_keys=True) if cfg.pipeline else str(cfg.train.steps)
+    return hashlib.sha256(f"{config_fingerprint(cfg)}:{extra}".encode()).hexdigest()[:16]
 
 
 def load_or_build(cfg: JobConfig) -> ModelFamily:
@@ -83,154 +111,98 @@ def load_or_build(cfg: JobConfig) -> ModelFamily:
     return build_family(cfg.model.arch, options, seed=cfg.train.seed)
 
 
-def diffusion_loss(
-    family: ModelFamily, batch: Batch, cfg: JobConfig, gen: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """One micro-batch's loss: noise the images, predict, regress the objective's target."""
-    n = len(batch)
-    drop = torch.rand(n, generator=gen) < batch.dropout_rates
-    captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
-    # cached latents / text embeddings (datasets[].cache_*) stand in for the encoders when present
-    if batch.latents is not None:
-        x0 = batch.latents.to(device)
-    else:
-        x0 = family.encode_images(batch.pixels.to(device))
-    noise = torch.randn(x0.shape, generator=gen).to(device)
-    # the latent size lets resolution-dependent schedules (Flux's shift) follow the batch's image size
-    timesteps = family.objective.sample_timesteps(n, gen, latent_shape=tuple(x0.shape[1:])).to(device)
-    target = family.objective.make_target(x0, noise, timesteps)
-    if batch.cond is not None:
-        cond = batch.cached_conditioning(drop, device)
-    else:
-        cond = family.encode_prompt(captions)
-    size_cond = batch.size_conditioning()
-    if size_cond is not None:  # SDXL's micro-conditioning; families without it ignore the entry
-        cond["size_conditioning"] = size_cond.to(device)
-    pred = family.predict(target.noisy, timesteps, cond)
-    losses = per_sample_loss(pred, target.target, cfg.train.loss, cfg.train.huber_delta)
-    if cfg.train.min_snr_gamma is not None:
-        weights = min_snr_weights(target.snr, cfg.train.min_snr_gamma, family.objective.prediction_type)
-        losses = losses * weights.to(losses.device)
-    if target.weight is not None:  # the objective's own weighting (flow matching's loss_weighting)
-        losses = losses * target.weight.to(losses.device)
-    losses = losses * batch.loss_weights.to(losses.device)  # datasets[].loss_weight (e.g. for reg images)
-    return losses.mean()
-
-
-STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def store_frozen_weights(family: ModelFamily, trained: set[str], storage: str) -> None:
-    """``model.dtype``: components nothing trains (VAE, frozen text encoders, an adapter's base model) are
-    kept in bf16/fp16 to halve their memory; trained ones stay fp32 so the optimizer updates full-precision
-    weights. Families cast inputs to each component's dtype."""
-    for name, module in family.modules().items():
-        target = torch.float32 if name in trained else STORAGE_DTYPES[storage]
-        if any(p.dtype != target for p in module.parameters() if p.is_floating_point()):
-            module.to(dtype=target)
-
-
-def trainable_parameters(family: ModelFamily, cfg: JobConfig) -> dict[str, nn.Parameter]:
-    """Freeze everything, then unfreeze what this run trains; names are ``component.param``."""
-    trainable = family.trainable_modules(cfg.train.train_text_encoder)
-    store_frozen_weights(family, set(trainable), cfg.model.dtype)
-    params: dict[str, nn.Parameter] = {}
-    for name, module in family.modules().items():
-        is_trained = name in trainable
-        module.train(is_trained)
-        for pname, p in module.named_parameters():
-            p.requires_grad_(is_trained)
-            if is_trained:
-                params[f"{name}.{pname}"] = p
-        if is_trained and cfg.train.gradient_checkpointing:
-            # diffusers models and transformers models name the switch differently
-            if hasattr(module, "enable_gradient_checkpointing"):
-                module.enable_gradient_checkpointing()
-            elif hasattr(module, "gradient_checkpointing_enable"):
-                module.gradient_checkpointing_enable()
-    return params
-
-
-class _Logger:
-    """TensorBoard scalars plus a metrics.jsonl that tests and scripts can read without TensorBoard."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
-        self.jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "logs"))
-
-    def log(self, step: int, values: dict[str, float], group: str = "train") -> None:
-        """``group`` prefixes TensorBoard tags (pipelines log each step under its own name)."""
-        self.jsonl.write(
-            json.dumps({"step": step, **({"stage": group} if group != "train" else {}), **values}) + "\n"
-        )
-        self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(f"{group}/{k}", v, step)
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-@contextlib.contextmanager
-def ema_weights(ema: EMA | None, params: dict[str, nn.Parameter]) -> Iterator[None]:
-    """Temporarily evaluate with the EMA weights (sampling, final export)."""
-    if ema is not None:
-        ema.swap_into(params)
-    try:
-        yield
-    finally:
-        if ema is not None:
-            ema.swap_into(params)
-
-
-def save_samples(family: ModelFamily, cfg: JobConfig, step: int, device: torch.device) -> Path | None:
-    s = cfg.sample
-    if not s.prompts:
-        return None
-    req = GenerateRequest(
-        prompts=s.prompts,
-        negative_prompt=s.negative_prompt,
-        steps=s.steps,
-        guidance_scale=s.guidance_scale,
-        sampler=s.sampler,
-        seed=s.seed,
-        images_per_prompt=s.images_per_prompt,
-    )
-    modes = {name: m.training for name, m in family.modules().items()}
-    for m in family.modules().values():
-        m.eval()
-    with torch.random.fork_rng(devices=[]):
-        images = [upscale_nearest(im) for im in to_pil(sample(family, req, device))]
-    for name, m in family.modules().items():
-        m.train(modes[name])
-    path = cfg.run_dir / "samples" / f"step_{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, columns=s.images_per_prompt).save(path)
-    return path
-
-
 def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -> TrainResult:
     """Run (or resume) the job described by ``cfg``; returns where the final model was written."""
-    if cfg.pipeline is not None:
-        from eridiffusion.training.pipeline import run_pipeline  # pipeline builds on this module
-
-        return run_pipeline(cfg, on_step)
+    engine = create_engine(cfg.train)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    device = resolve_device(cfg.train.device, "train.device")
-    amp_dtype = resolve_precision(cfg.train.mixed_precision, device)
-    t = cfg.train
+    with engine.main_first():  # scan first: a bad path fails before a model loads; main generates data
+        sources = open_sources(cfg.datasets)
+    info = engine.broadcast(
+        open_run(run_dir, cfg.save.resume, _adapter_name(cfg)) if engine.is_main else None
+    )
+    fingerprint = result_fingerprint(cfg)
+    if is_finished(info, fingerprint, run_dir):
+        logger.info("%s already finished with this config: %s (nothing to do)", cfg.name, info.output)
+        return TrainResult(run_dir, info.final_step, run_dir / info.output, None, None, already_finished=True)
+    if engine.is_main:
+        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
-    sources = open_sources(cfg.datasets)  # scan first: a bad path fails before a model loads
-    family = load_or_build(cfg).to(device)
+    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.save.keep, info.run_id)
+    with engine.main_first():  # only the main process renames damaged checkpoints aside
+        resume = find_resume(ckpts, cfg.save.resume, engine.is_main)
+    state = _initial_state(cfg, info.run_id, engine, resume)
+    family: ModelFamily | None = load_or_build(cfg)
+    plans = _plan(cfg, family)
+    if state.stage > 0:  # resuming a later pipeline step: it starts from the previous step's saved model
+        family = None
+    log = RunLogger(cfg, engine.is_main, info.run_id)
+    run = Run(cfg, engine, ckpts, log, on_step)
+    try:
+        for plan in plans[state.stage :]:
+            if family is None:
+                family = _model_at_stage(cfg, plans, plan.index)
+            family = family.to(engine.device)
+            out_dir = run_dir if plan.single else run_dir / "stages" / f"{plan.index}-{plan.config.name}"
+            live = setup_stage(cfg, family, plan, engine, out_dir, sources if plan.single else None)
+            if resume is not None and state.stage == plan.index and state.stage_step > 0:
+                restore(live, resume, engine, state)
+                logger.info("resumed %s at its step %d", plan.config.name, state.stage_step)
+            state.stage_name = plan.config.name
+            started = time.perf_counter()
+            metrics = run_stage(run, family, live, state)
+            output = _end_stage(run, family, live, state, metrics, started)
+            family = None if not plan.single and plan.index + 1 < len(plans) else family
+        if family is None:  # every stage had finished before this resume: the last one's model
+            family = _model_at_stage(cfg, plans, len(plans))
+        if not plans[0].single:
+            output = run_dir / "model"
+            if engine.is_main:
+                atomic_write_dir(output, family.save_pretrained)
+                summary = json.dumps(state.stages_done, indent=1)
+                (run_dir / "pipeline_summary.json").write_text(summary, encoding="utf-8")
+    finally:
+        log.close()
+    if engine.is_main:
+        mark_finished(run_dir, info, fingerprint, state.step, output)
+    engine.barrier()
+    return TrainResult(run_dir, state.step, output, state.last_loss, resume[0] if resume else None)
+
+
+def _adapter_name(cfg: JobConfig) -> str:
+    return f"{cfg.name}.safetensors"
+
+
+def _initial_state(
+    cfg: JobConfig, run_id: str, engine: Engine, resume: tuple[Path, Loaded] | None
+) -> TrainState:
+    """A fresh state, or the checkpoint's after checking it belongs to this config."""
+    snapshot = pipeline_snapshot(cfg) if cfg.pipeline else {}
+    fresh = TrainState(config_hash=config_fingerprint(cfg), run_id=run_id, world_size=engine.world)
+    fresh.pipeline = snapshot
+    if resume is None:
+        return fresh
+    path, (saved, *_) = resume
+    if cfg.pipeline is not None:
+        changed = changed_paths(saved.pipeline, snapshot)
+        if changed:
+            raise ValueError(
+                f"the pipeline config changed since checkpoint {path}: {', '.join(changed[:8])}"
+                "; restore it, or train into a new output folder (change `name`)"
+            )
+    elif saved.config_hash != fresh.config_hash:
+        logger.warning(
+            "resuming %s with a changed config (fingerprint %s -> %s); results will differ from "
+            "an uninterrupted run",
+            path,
+            saved.config_hash,
+            fresh.config_hash,
+        )
+    saved.run_id, saved.config_hash = run_id, fresh.config_hash
+    return saved
+
+
+def _plan(cfg: JobConfig, family: ModelFamily) -> list[StagePlan]:
+    """The stages to run, after the checks that would otherwise fail only later (sampler, image sizes)."""
     if cfg.sample.prompts:  # a wrong sampler would otherwise only fail at the first sample grid
         try:
             check_sampler(cfg.sample.sampler, family.objective.prediction_type)
@@ -242,183 +214,180 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
                 family.check_size(resolution, resolution)
             except ValueError as exc:
                 raise ValueError(f"datasets[{i}].resolution: {exc}") from None
-    data = TrainingData(cfg.datasets, t.batch_size, t.seed, family.size_multiple(), sources)
-    if data.skipped:
-        logger.warning("%d unreadable image(s) skipped; training on %d", data.skipped, len(data))
-    if cfg.network is not None:
-        store_frozen_weights(family, set(), cfg.model.dtype)
-        params = attach_network(family, cfg.network, t.train_text_encoder, seed=t.seed)
-        for name, module in family.trainable_modules(t.train_text_encoder).items():
-            module.train(True)
-            if (
-                name == "denoiser"
-                and t.gradient_checkpointing
-                and hasattr(module, "enable_gradient_checkpointing")
-            ):
-                module.enable_gradient_checkpointing()
-    else:
-        params = trainable_parameters(family, cfg)
-    export = _exporter(
-        family, cfg, state_info={"eri_base_model": cfg.model.name_or_path or f"scratch:{family.arch}"}
-    )
-    offload = prepare_caches(data, family, device, cfg.logging.progress)
-    optimizer = build_optimizer(params, t.optimizer, t.lr)
-    ema = EMA(params, t.ema.decay, t.ema.warmup) if t.ema.enabled else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
-
-    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.save.keep)
-    ckpts.clean_partial()
-    state = TrainState(config_hash=config_fingerprint(cfg))
-    resumed_from = _resume(cfg, ckpts, state, params, optimizer, ema)
-
-    log = _Logger(run_dir, cfg.logging.tensorboard)
-    bar = progress_bar(t.steps, cfg.name, cfg.logging.progress, state.step)
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    )
-    batches = data.iterate(state.micro_batches, t.steps * t.gradient_accumulation_steps, t.num_workers)
-    started, started_step = time.perf_counter(), state.step
-    try:
-        for step in range(state.step, t.steps):
-            lr = t.lr * lr_factor(step, t.steps, t.lr_scheduler, t.lr_warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            total = 0.0
-            for micro in range(t.gradient_accumulation_steps):
-                batch = next(batches)
-                state.micro_batches += 1
-                state.epoch = batch.epoch
-                with autocast:
-                    loss = diffusion_loss(family, batch, cfg, step_generator(t.seed, step, micro), device)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step + 1}; the step was not applied. "
-                        f"Last good checkpoint: {ckpts.latest() or 'none'}. Try a lower train.lr, "
-                        "train.max_grad_norm, or mixed_precision: no"
-                    )
-                scaled = loss / t.gradient_accumulation_steps
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                total += loss.item() / t.gradient_accumulation_steps
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm).item()
-                if t.max_grad_norm
-                else float("nan")
-            )
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(params)
-                state.ema_updates = ema.num_updates
-            state.step = step + 1
-            state.last_loss = total
-
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if state.step % cfg.logging.log_every == 0 or state.step == t.steps:
-                rate = (state.step - started_step) / max(1e-9, time.perf_counter() - started)
-                log.log(
-                    state.step,
-                    {
-                        "loss": total,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "steps_per_s": rate,
-                        "epoch": state.epoch,
-                    },
-                )
-            if cfg.sample.every and state.step % cfg.sample.every == 0 and state.step < t.steps:
-                with ema_weights(ema, params), offload.restored():
-                    save_samples(family, cfg, state.step, device)
-            if state.step % cfg.save.every == 0 or state.step == t.steps:
-                ckpts.save(
-                    state,
-                    {k: p.detach().float() for k, p in params.items()},
-                    optimizer,
-                    ema.state_dict() if ema else None,
-                    extra=(lambda folder: export(folder, steps=state.step)) if export else None,
-                )
-            if on_step is not None:
-                on_step(state)
-    finally:
-        batches.close()
-        bar.close()
-        log.close()
-
-    with ema_weights(ema, params), offload.restored():
-        save_samples(family, cfg, state.step, device)
-        if cfg.network is not None:
-            output = _export_path(cfg, run_dir)
-            export(run_dir, steps=state.step)
-        else:
-            output = atomic_write_dir(run_dir / "model", family.save_pretrained)
-    return TrainResult(run_dir, state.step, output, state.last_loss, resumed_from)
+    if cfg.pipeline is None:
+        return [single_stage_plan(cfg, family)]
+    plans, problems = plan_stages(cfg, family)
+    if problems:
+        raise ValueError("pipeline problems:\n" + "\n".join(f"  {p}" for p in problems))
+    return plans
 
 
-def _export_path(cfg: JobConfig, folder: Path) -> Path:
-    return folder / f"{cfg.name}.safetensors"
-
-
-def _exporter(family: ModelFamily, cfg: JobConfig, state_info: dict[str, str]) -> Callable[..., None] | None:
-    """For adapter runs: a function writing the usable adapter file (kohya/diffusers layout) to a folder."""
-    if cfg.network is None:
-        return None
-    net = cfg.network
-
-    def write(folder: Path, steps: int | None = None) -> None:
-        info = {**state_info, "eri_config_hash": config_fingerprint(cfg)}
-        if steps is not None:
-            info["eri_steps"] = str(steps)
-        export_network(family, net, _export_path(cfg, folder), cfg.save.format, cfg.save.dtype, info)
-
-    return write
-
-
-def _resume(
-    cfg: JobConfig,
-    ckpts: CheckpointManager,
-    state: TrainState,
-    params: dict[str, nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    ema: EMA | None,
-) -> Path | None:
-    """Load the checkpoint ``save.resume`` points at (or the latest) into the live objects."""
-    if cfg.save.resume is False:
-        return None
-    path = Path(cfg.save.resume) if isinstance(cfg.save.resume, str) else ckpts.latest()
-    if path is None:
-        return None
-    if not path.is_dir():
-        raise FileNotFoundError(f"save.resume: checkpoint '{path}' does not exist")
-    saved, weights, opt_state, ema_state = CheckpointManager.load(path)
-    if saved.config_hash != state.config_hash:
-        logger.warning(
-            "resuming %s with a changed config (fingerprint %s -> %s); results will differ from "
-            "an uninterrupted run",
-            path,
-            saved.config_hash,
-            state.config_hash,
+def _model_at_stage(cfg: JobConfig, plans: list[StagePlan], index: int) -> ModelFamily:
+    """The model a stage starts from: the job's base for the first, the previous stage's output after."""
+    if index == 0:
+        return load_or_build(cfg)
+    previous = cfg.run_dir / "stages" / f"{plans[index - 1].index}-{plans[index - 1].config.name}" / "model"
+    if not previous.is_dir():
+        raise RuntimeError(
+            f"cannot resume stage {index}: the output of the previous stage ({previous}) is "
+            "missing; delete the checkpoints to restart the pipeline"
         )
-    missing = set(params) - set(weights)
+    return load_family(previous, cfg.model.model_copy(update={"name_or_path": str(previous), "options": {}}))
+
+
+def run_stage(run: Run, family: ModelFamily, live: LiveStage, state: TrainState) -> dict[str, float]:
+    """Optimizer steps until the stage's transition fires; returns the last step's metrics."""
+    cfg, engine = run.cfg, run.engine
+    plan = live.plan
+    group = "train" if plan.single else plan.config.name
+    label = cfg.name if plan.single else f"{cfg.name}/{plan.config.name}"
+    bar = progress_bar(plan.steps, label, cfg.logging.progress and engine.is_main, state.stage_step)
+    metrics: dict[str, float] = {}
+    started, started_step = time.perf_counter(), state.stage_step
+    done = state.stage_step >= plan.steps
+    per_step = 1 if plan.config.kind == "autoencoder" else cfg.train.gradient_accumulation_steps
+    pin = engine.device.type == "cuda"
+    live.open_batches(state.stage_micro_batches, cfg.train.num_workers, pin, per_step)
+    try:
+        while not done:
+            where = (
+                f"at step {state.step + 1}"
+                if plan.single
+                else f"in pipeline step {plan.config.name!r} at its step {state.stage_step + 1}"
+            )
+            try:
+                metrics = train_step(cfg, family, live, state, engine, where)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(
+                    f"{exc}. Last good checkpoint: {run.ckpts.latest() or 'none'}. Try a lower train.lr, "
+                    "train.max_grad_norm, or mixed_precision: no"
+                ) from None
+            state.stage_step += 1
+            state.step += 1
+            state.last_loss = metrics.get("loss", state.last_loss)
+            done = transition_done(plan, state, metrics, live.data)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=False)
+            if state.stage_step % cfg.logging.log_every == 0 or done:
+                rate = (state.stage_step - started_step) / max(1e-9, time.perf_counter() - started)
+                extra = {"steps_per_s": rate, "epoch": state.epoch}
+                if not plan.single:
+                    extra["stage_step"] = state.stage_step
+                run.log.log(state.step, {**metrics, **extra}, group=group)
+            if cfg.sample.every and state.step % cfg.sample.every == 0 and not done:
+                _samples(run, family, live, state, group)
+            if (state.step % cfg.save.every == 0 and not done) or (done and plan.single):
+                save_checkpoint(run, family, live, state)
+            if run.on_step is not None:
+                run.on_step(state)
+    finally:
+        live.close()
+        bar.close()
+    return metrics
+
+
+def _samples(run: Run, family: ModelFamily, live: LiveStage, state: TrainState, group: str) -> None:
+    """A sample grid (main process; under FSDP every process runs the sharded model, the main one saves)."""
+    cfg, engine = run.cfg, run.engine
+    if live.plan.config.kind != "diffusion" or not (engine.is_main or engine.strategy == "fsdp"):
+        return
+    with ema_weights(live.ema, live.ema_params()), live.offload.restored():
+        path = save_samples(family, cfg, state.step, engine.device, write=engine.is_main)
+    if path is not None:
+        run.log.image(state.step, path, group)
+
+
+def _export_info(cfg: JobConfig, family: ModelFamily, steps: int) -> dict[str, str]:
+    return {
+        "eri_base_model": cfg.model.name_or_path or f"scratch:{family.arch}",
+        "eri_config_hash": config_fingerprint(cfg),
+        "eri_steps": str(steps),
+    }
+
+
+def save_checkpoint(run: Run, family: ModelFamily, live: LiveStage, state: TrainState) -> None:
+    """The one place a resumable checkpoint is written (main process): weights being trained, optimizers,
+    EMA and counters, plus the usable adapter file of a single-stage LoRA run."""
+    cfg, engine = run.cfg, run.engine
+    weights = {k: engine.full_tensor(p).detach().float() for k, p in live.params().items()}
+    optimizers = engine.optimizer_state(live.optimizers())
+    if engine.is_main:
+        extra = None
+        if live.plan.single and cfg.network is not None:
+            net, info = cfg.network, _export_info(cfg, family, state.step)
+
+            def extra(folder: Path) -> None:
+                export_network(
+                    family, net, folder / _adapter_name(cfg), cfg.save.format, cfg.save.dtype, info
+                )
+
+        ema = live.ema.state_dict() if live.ema is not None else None
+        run.ckpts.save(state, weights, optimizers, ema, extra=extra)
+    engine.barrier()
+
+
+def _end_stage(
+    run: Run,
+    family: ModelFamily,
+    live: LiveStage,
+    state: TrainState,
+    metrics: dict[str, float],
+    started: float,
+) -> Path:
+    """Make the stage's result permanent: the EMA becomes the weights, the adapter or model is written,
+    samples and eval scores are taken; a pipeline step then saves the boundary checkpoint."""
+    cfg, engine, plan = run.cfg, run.engine, live.plan
+    seconds = round(time.perf_counter() - started, 2)
+    if live.ema is not None:  # the average is the step's result: what is saved, sampled and passed on
+        live.ema.swap_into(live.ema_params())
+    with live.offload.restored():
+        with engine.gathered(family.modules().values()):
+            output = finish_stage(cfg, family, live, engine, _export_info(cfg, family, state.step))
+        _samples(run, family, live, state, "train" if plan.single else plan.config.name)
+        scores = evaluate_stage(cfg, family, live, engine) if plan.config.eval and engine.is_main else {}
+    if plan.single:
+        return output
+    state.stages_done[plan.config.name] = {
+        "steps": state.stage_step,
+        "seconds": seconds,
+        "finish_seconds": round(time.perf_counter() - started - seconds, 2),
+        **{f"final_{k}": v for k, v in metrics.items()},
+        **scores,
+    }
+    state.stage, state.stage_step, state.stage_micro_batches, state.watch = plan.index + 1, 0, 0, {}
+    state.ema_updates = 0
+    if engine.is_main:  # a stage boundary: the next stage starts fresh from this one's saved model
+        run.ckpts.save(state, {}, OptimizerSet([]), None)
+    engine.barrier()
+    return output
+
+
+def restore(live: LiveStage, resume: tuple[Path, Loaded], engine: Engine, state: TrainState) -> None:
+    """Load a checkpoint's weights, optimizer states and EMA into the running stage."""
+    path, (saved, weights, opt_state, ema_state) = resume
+    missing = set(live.params()) - set(weights)
     if missing:
         raise RuntimeError(
             f"checkpoint '{path}' does not match this model: {len(missing)} trainable tensors "
             f"missing, e.g. {sorted(missing)[:3]}"
         )
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name].to(p.dtype))
-    optimizer.load_state_dict(opt_state)
-    if ema is not None:
+        for name, p in live.params().items():
+            engine.load_into(p, weights[name])
+    engine.load_optimizer_state(live.optimizers(), opt_state)
+    if live.ema is not None:
         if ema_state is None:
-            raise RuntimeError(f"checkpoint '{path}' has no EMA weights but train.ema.enabled is true")
-        ema.load_state_dict(ema_state, saved.ema_updates)
-    state.step, state.micro_batches, state.epoch = saved.step, saved.micro_batches, saved.epoch
-    state.ema_updates, state.last_loss = saved.ema_updates, saved.last_loss
-    logger.info("resumed from %s at step %d", path, state.step)
-    return path
+            raise RuntimeError(f"checkpoint '{path}' has no EMA weights but this run uses EMA")
+        live.ema.load_state_dict(ema_state, saved.ema_updates)
+    if saved.world_size != engine.world:
+        # the global batch (per-process batch x processes) changed, so the old micro-batch count means
+        # other batches: start the epoch the checkpoint was in again
+        state.stage_micro_batches = live.data.epoch_start(saved.epoch)
+        logger.warning(
+            "resuming a %d-process checkpoint with %d processes: the data order restarts at the beginning "
+            "of epoch %d",
+            saved.world_size,
+            engine.world,
+            saved.epoch,
+        )
+        state.world_size = engine.world

@@ -1,0 +1,380 @@
+"""What a stage is while it runs: its trained parameter groups and optimizers, its data, its EMA, how a
+micro-batch becomes a loss for its kind, when it ends, and how its result is made permanent.
+
+A single-stage job is a one-step pipeline whose outputs sit at the top of the run folder (the model, or the
+adapter file ``NAME.safetensors``); the steps of a ``pipeline`` write theirs under ``stages/<n>-<name>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from eridiffusion.config.schema import GroupConfig, JobConfig, OptimizerConfig, StageConfig
+from eridiffusion.data.cache import EncoderOffload, prepare_caches
+from eridiffusion.data.loader import Batch, ImageSource, TrainingData
+from eridiffusion.inference.evaluate import EvalSettings, evaluate_into, prompts_path, read_prompts
+from eridiffusion.models import ModelFamily
+from eridiffusion.networks import attach_network, export_network, merge_adapters
+from eridiffusion.training.autoencoder import (
+    AutoencoderLossConfig,
+    PatchDiscriminator,
+    calibration_latents,
+    discriminator_loss,
+    generator_loss,
+    latent_channel_statistics,
+    latent_scaling_factor,
+)
+from eridiffusion.training.checkpoint import TrainState, atomic_write_dir
+from eridiffusion.training.ema import EMA
+from eridiffusion.training.engine import Engine
+from eridiffusion.training.optim import build_optimizer
+from eridiffusion.training.pipeline import StagePlan, stage_datasets
+from eridiffusion.training.step import ParamGroup, diffusion_loss, optimizer_step, step_generator
+
+logger = logging.getLogger(__name__)
+
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def single_stage_plan(cfg: JobConfig, family: ModelFamily) -> StagePlan:
+    """A job without ``pipeline`` as the one step it is: train the adapter, or the family's trainable
+    components, for ``train.steps`` on the job's datasets."""
+    t = cfg.train
+    trainable = ["lora"] if cfg.network is not None else list(family.trainable_modules(t.train_text_encoder))
+    stage = StageConfig(name=cfg.name, trainable=trainable, network=cfg.network, max_steps=t.steps)
+    return StagePlan(0, stage, t.steps, 0, t.batch_size, single=True)
+
+
+class OptimizerSet:
+    """The optimizers of a stage's groups behind the one state dict a checkpoint holds."""
+
+    def __init__(self, groups: list[ParamGroup]) -> None:
+        self.optimizers = {g.name: g.optimizer for g in groups}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(self.optimizers) == {"model"} and "model" not in state:  # written before groups had names
+            state = {"model": state}
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+@dataclass
+class LiveStage:
+    """The running stage's objects."""
+
+    plan: StagePlan
+    groups: list[ParamGroup]
+    data: TrainingData
+    discriminator: PatchDiscriminator | None
+    ema: EMA | None
+    offload: EncoderOffload
+    out_dir: Path
+    batches: Iterator[Batch] | None = None
+    """Micro-batches from the stage's current position (opened by :meth:`open_batches`)."""
+
+    def open_batches(self, start: int, num_workers: int, pin_memory: bool, per_step: int) -> None:
+        """Micro-batches ``start`` onwards, up to the stage's last possible one (workers build them ahead)."""
+        self.batches = self.data.iterate(start, self.plan.steps * per_step, num_workers, pin_memory)
+
+    def next_batch(self) -> Batch:
+        assert self.batches is not None, "open_batches first"
+        return next(self.batches)
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return {k: p for g in self.groups for k, p in g.params.items()}
+
+    def ema_params(self) -> dict[str, nn.Parameter]:
+        """What the EMA averages: the model's trained weights; a discriminator is only a training aid."""
+        return {k: p for g in self.groups if g.name != "discriminator" for k, p in g.params.items()}
+
+    def optimizers(self) -> OptimizerSet:
+        return OptimizerSet(self.groups)
+
+    def group(self, name: str) -> list[ParamGroup]:
+        return [g for g in self.groups if g.name == name]
+
+
+def _group_config(cfg: JobConfig, stage: StageConfig, component: str) -> GroupConfig:
+    if component in stage.optimizers:
+        return stage.optimizers[component]
+    if "default" in stage.optimizers:
+        return stage.optimizers["default"]
+    t, o = cfg.train, cfg.train.optimizer
+    return GroupConfig(
+        type=o.type,
+        lr=t.lr,
+        weight_decay=o.weight_decay,
+        betas=o.betas,
+        eps=o.eps,
+        lr_scheduler=t.lr_scheduler,
+        lr_warmup_steps=t.lr_warmup_steps,
+    )
+
+
+def _make_group(name: str, params: dict[str, nn.Parameter], g: GroupConfig) -> ParamGroup:
+    opt_cfg = OptimizerConfig(type=g.type, weight_decay=g.weight_decay, betas=g.betas, eps=g.eps)
+    optimizer = build_optimizer(params, opt_cfg, g.lr)
+    return ParamGroup(name, params, optimizer, g.lr, g.lr_scheduler, g.lr_warmup_steps)
+
+
+def _check_fsdp(engine: Engine, cfg: JobConfig, stage: StageConfig) -> None:
+    if engine.strategy != "fsdp":
+        return
+    why = None
+    if "lora" in stage.trainable:
+        why = "adapters are small: train them with train.distributed.strategy: ddp"
+    elif stage.kind == "autoencoder":
+        why = "autoencoder steps train with ddp"
+    elif (stage.ema or cfg.train.ema).enabled:
+        why = "EMA is not supported with fsdp yet; turn train.ema off or use ddp"
+    if why:
+        raise ValueError(f"train.distributed.strategy fsdp: pipeline step {stage.name}: {why}")
+
+
+def _unfreeze(
+    cfg: JobConfig, family: ModelFamily, plan: StagePlan, engine: Engine
+) -> tuple[dict[str, dict[str, nn.Parameter]], PatchDiscriminator | None]:
+    """Freeze the model, then make this stage's components trainable; parameters per component."""
+    stage, t = plan.config, cfg.train
+    modules = family.modules()
+    for module in modules.values():
+        module.requires_grad_(False)
+        module.eval()
+    trained = {c for c in stage.trainable if c in modules}
+    for name, module in modules.items():  # model.dtype: frozen weights stored in bf16/fp16 to save memory
+        target = torch.float32 if name in trained else STORAGE_DTYPES[cfg.model.dtype]
+        if any(p.dtype != target for p in module.parameters() if p.is_floating_point()):
+            module.to(dtype=target)
+    per_comp: dict[str, dict[str, nn.Parameter]] = {}
+    disc = None
+    for comp in stage.trainable:
+        if comp == "lora":
+            assert stage.network is not None
+            text = t.train_text_encoder if plan.single else False
+            per_comp[comp] = attach_network(family, stage.network, text, seed=t.seed + plan.index)
+            for name in family.trainable_modules(text):
+                modules[name].train(True)
+            trained.add("denoiser")
+        elif comp == "discriminator":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(t.seed + plan.index)
+                disc = PatchDiscriminator(stage.autoencoder.disc_channels).to(engine.device)
+            per_comp[comp] = {f"discriminator.{n}": p for n, p in disc.named_parameters()}
+        else:
+            module = modules[comp]
+            module.train(True)
+            module.requires_grad_(True)
+            if engine.strategy == "fsdp":
+                engine.shard(module, cfg.train.distributed.fsdp_sharding == "full_shard")
+            per_comp[comp] = {f"{comp}.{n}": p for n, p in module.named_parameters()}
+    if t.gradient_checkpointing:
+        for name in trained:
+            module = modules[name]  # diffusers and transformers models name the switch differently
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            elif hasattr(module, "gradient_checkpointing_enable"):
+                module.gradient_checkpointing_enable()
+    return per_comp, disc
+
+
+def trainable_parameters(family: ModelFamily, cfg: JobConfig) -> dict[str, nn.Parameter]:
+    """What a single-stage job trains, after freezing the rest (for tools and tests that step by hand)."""
+    per_comp, _ = _unfreeze(cfg, family, single_stage_plan(cfg, family), Engine(torch.device("cpu"), None))
+    return {k: p for params in per_comp.values() for k, p in params.items()}
+
+
+def setup_stage(
+    cfg: JobConfig,
+    family: ModelFamily,
+    plan: StagePlan,
+    engine: Engine,
+    out_dir: Path,
+    sources: list[ImageSource] | None = None,
+) -> LiveStage:
+    """Unfreeze the stage's components, build its optimizers, data (each process's batch times the number
+    of processes: every process takes its rows), caches and EMA."""
+    stage = plan.config
+    _check_fsdp(engine, cfg, stage)
+    per_comp, disc = _unfreeze(cfg, family, plan, engine)
+    if plan.single:  # one optimizer, clipped jointly: a job without pipeline trains one group
+        g = _group_config(cfg, stage, "default")
+        groups = [_make_group("model", {k: p for d in per_comp.values() for k, p in d.items()}, g)]
+    else:
+        groups = [_make_group(c, params, _group_config(cfg, stage, c)) for c, params in per_comp.items()]
+    seed = cfg.train.seed + 1000 * plan.index
+    data = TrainingData(
+        stage_datasets(cfg, stage),
+        plan.batch_size * engine.world,
+        seed,
+        family.size_multiple(),
+        sources,
+    )
+    if data.skipped and engine.is_main:
+        logger.warning("%d unreadable image(s) skipped; training on %d", data.skipped, len(data))
+    if stage.n_epochs is not None:
+        # the plan estimated epochs from file counts; the loader knows the real batches per epoch (weights,
+        # regularisation balance, buckets), and the length also sets the LR schedule
+        per_step = 1 if stage.kind == "autoencoder" else cfg.train.gradient_accumulation_steps
+        batches = stage.n_epochs * data.batches_per_epoch
+        plan = dataclasses.replace(plan, steps=max(1, -(-batches // per_step)))
+    with engine.main_first():  # the main process computes the caches, the others read them
+        offload = prepare_caches(data, family, engine.device, cfg.logging.progress and engine.is_main)
+    live = LiveStage(plan, groups, data, disc, None, offload, out_dir)
+    ema_cfg = stage.ema or cfg.train.ema
+    if ema_cfg.enabled:
+        live.ema = EMA(live.ema_params(), ema_cfg.decay, ema_cfg.warmup)
+    return live
+
+
+def train_step(
+    cfg: JobConfig, family: ModelFamily, live: LiveStage, state: TrainState, engine: Engine, where: str
+) -> dict[str, float]:
+    """One optimizer step of the running stage (through :func:`optimizer_step`); returns its metrics."""
+    stage, t = live.plan.config, cfg.train
+    lrs = {g.name: g.set_lr(state.stage_step, live.plan.steps) for g in live.groups}
+    seed = t.seed + 7919 * live.plan.index
+    if stage.kind == "autoencoder":
+        metrics = _autoencoder_step(family, live, state, engine, seed, where, t.max_grad_norm)
+    else:
+        def micro_loss(micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            batch = engine.share(live.next_batch())
+            state.epoch = batch.epoch
+            gen = step_generator(seed, state.stage_step, micro)
+            return diffusion_loss(family, batch, cfg, gen, engine.device), {}
+
+        accumulation = t.gradient_accumulation_steps
+        metrics = optimizer_step(engine, live.groups, micro_loss, accumulation, t.max_grad_norm, where)
+        state.stage_micro_batches += accumulation
+        state.micro_batches += accumulation
+    if len(lrs) == 1:
+        metrics["lr"] = next(iter(lrs.values()))
+    else:
+        metrics.update({f"lr/{name}": lr for name, lr in lrs.items()})
+    if live.ema is not None:
+        live.ema.update(live.ema_params())
+        state.ema_updates = live.ema.num_updates
+    return metrics
+
+
+def _autoencoder_step(
+    family: ModelFamily,
+    live: LiveStage,
+    state: TrainState,
+    engine: Engine,
+    seed: int,
+    where: str,
+    clip: float | None,
+) -> dict[str, float]:
+    """The autoencoder's update, then the discriminator's on the same batch (once the GAN terms start)."""
+    a = live.plan.config.autoencoder
+    batch = engine.share(live.next_batch())
+    state.stage_micro_batches += 1
+    state.micro_batches += 1
+    state.epoch = batch.epoch
+    pixels = batch.pixels.to(engine.device, non_blocking=True)
+    vae = family.modules()["vae"]
+    loss_cfg = AutoencoderLossConfig(a.kl_weight, a.disc_weight, a.disc_start, a.mse_weight)
+    recon: list[torch.Tensor] = []
+
+    def gen_loss(_micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        gen = step_generator(seed, state.stage_step, 0)
+        loss, out, metrics = generator_loss(vae, pixels, live.discriminator, state.stage_step, loss_cfg, gen)
+        recon.append(out)
+        return loss, metrics
+
+    metrics = optimizer_step(engine, live.group("vae"), gen_loss, 1, clip, where)
+    if live.discriminator is not None and state.stage_step >= a.disc_start:
+
+        def disc_loss(_micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            assert live.discriminator is not None
+            return discriminator_loss(live.discriminator, pixels, recon[0])
+
+        d = optimizer_step(engine, live.group("discriminator"), disc_loss, 1, clip, where)
+        d.pop("loss")
+        metrics.update({k if k.startswith("d_") else f"d_{k}": v for k, v in d.items()})
+    return metrics
+
+
+def transition_done(
+    plan: StagePlan, state: TrainState, metrics: dict[str, float], data: TrainingData
+) -> bool:
+    """Apply the stage's end rule after one optimizer step (updates the watched metric in ``state``)."""
+    stage, rule = plan.config, plan.config.transition
+    if state.stage_step >= plan.steps:
+        return True
+    if rule.type == "epoch":
+        return state.stage_micro_batches >= stage.n_epochs * data.batches_per_epoch
+    if rule.type == "loss_threshold":
+        if rule.metric not in metrics:
+            raise ValueError(
+                f"pipeline step {stage.name}: transition.metric {rule.metric!r} is not logged "
+                f"by a {stage.kind} step; choose one of {sorted(metrics)}"
+            )
+        value = metrics[rule.metric]
+        smoothed = (
+            value
+            if "value" not in state.watch
+            else rule.smoothing * state.watch["value"] + (1 - rule.smoothing) * value
+        )
+        below = smoothed < rule.threshold and state.stage_step >= rule.min_steps
+        state.watch = {"value": smoothed, "count": state.watch.get("count", 0) + 1 if below else 0}
+        return state.watch["count"] >= rule.patience
+    return False
+
+
+def finish_stage(
+    cfg: JobConfig, family: ModelFamily, live: LiveStage, engine: Engine, export_info: dict[str, str]
+) -> Path:
+    """Make the stage's result permanent (main process): calibrate latents, export the adapter (merged into
+    the model when a later step builds on it) or save the model; returns the stage's output."""
+    stage, out = live.plan.config, live.out_dir
+    if stage.kind == "autoencoder":
+        vae = family.modules()["vae"]
+        vae.eval()
+        # a few hundred images: one batch would make per-channel statistics noisy
+        count = min(live.data.batches_per_epoch, max(1, 256 // live.plan.batch_size))
+        batches = (live.data.batch(k).pixels.to(engine.device) for k in range(count))
+        latents = calibration_latents(vae, batches)
+        if stage.autoencoder.latent_norm == "channel":
+            mean, std = latent_channel_statistics(latents)
+            vae.register_to_config(scaling_factor=1.0, latents_mean=mean, latents_std=std)
+        else:
+            vae.register_to_config(scaling_factor=latent_scaling_factor(latents))
+    if "lora" in stage.trainable:
+        assert stage.network is not None
+        path = out / f"{stage.name}.safetensors"
+        if engine.is_main:
+            export_network(family, stage.network, path, cfg.save.format, cfg.save.dtype, export_info)
+        if live.plan.single:
+            return path
+        merge_adapters(family)
+    path = out / "model"
+    if engine.is_main:
+        atomic_write_dir(path, family.save_pretrained)
+    return path
+
+
+def evaluate_stage(cfg: JobConfig, family: ModelFamily, live: LiveStage, engine: Engine) -> dict[str, float]:
+    """Prompt adherence of the step's result; the report and grid go beside the step's model."""
+    e = live.plan.config.eval
+    assert e is not None
+    path = prompts_path(e, stage_datasets(cfg, live.plan.config))
+    settings = EvalSettings.from_config(e)
+    report = evaluate_into(family, path, read_prompts(path), settings, engine.device, live.out_dir)
+    scores = {k: report[f"{k}_accuracy"] for k in ("colour", "shape", "both")}
+    return {f"eval_{k}": v for k, v in scores.items() if v is not None}

@@ -1,0 +1,173 @@
+"""One optimizer step, for every kind of stage.
+
+A stage kind (diffusion, autoencoder + discriminator, adapter) only says how a micro-batch becomes a loss
+(:func:`diffusion_loss`, the autoencoder's generator and discriminator losses); :func:`optimizer_step` does
+the rest the same way for all of them: autocast, backward over the accumulated micro-batches, gradient sync
+across processes, the non-finite check, clipping, the optimizer and the zeroing of gradients.
+
+Host syncs are what makes a small step slow on a GPU, so a step makes exactly one: the loss, the gradient
+norms and any metrics travel to the host together, after backward and before the optimizer, which is also the
+last moment a non-finite step can still be refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from eridiffusion.config.schema import JobConfig
+from eridiffusion.data.loader import Batch
+from eridiffusion.models import ModelFamily
+from eridiffusion.training.engine import Engine
+from eridiffusion.training.losses import min_snr_weights, per_sample_loss
+from eridiffusion.training.schedules import lr_factor
+
+
+class NonFiniteLossError(RuntimeError):
+    """Loss became NaN/inf; the weights of this step were not applied and earlier checkpoints are kept."""
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The CPU generator of one micro-batch: noise, timesteps and caption dropout are a pure function of
+    (seed, step, micro-batch), which is what makes resume exact."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2**63))
+
+
+def draw_noise(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Gaussian noise made on ``device``: on a GPU a generator there, seeded from ``gen``, saves the host
+    draw and the copy; on the CPU the draw is ``gen``'s own, so CPU runs keep their exact sequence."""
+    if device.type == "cpu":
+        return torch.randn(shape, generator=gen)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
+
+
+def diffusion_loss(
+    family: ModelFamily, batch: Batch, cfg: JobConfig, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """One micro-batch's loss: noise the images, predict, regress the objective's target.
+
+    Random draws are made for every row of the whole micro-batch (``batch.global_size``) and this process
+    keeps its rows, so a process's share of a batch is trained exactly as in a one-process run of the whole.
+    """
+    n = len(batch)
+    n_all = batch.global_size or n
+    rows = slice(batch.offset, batch.offset + n)
+    drop = torch.rand(n_all, generator=gen)[rows] < batch.dropout_rates
+    captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
+    # cached latents / text embeddings (datasets[].cache_*) stand in for the encoders when present
+    if batch.latents is not None:
+        x0 = batch.latents.to(device, non_blocking=True)
+    else:
+        x0 = family.encode_images(batch.pixels.to(device, non_blocking=True))
+    noise = draw_noise((n_all, *x0.shape[1:]), gen, device)[rows].to(device)
+    # the latent size lets resolution-dependent schedules (Flux's shift) follow the batch's image size
+    timesteps = family.objective.sample_timesteps(n_all, gen, latent_shape=tuple(x0.shape[1:]))[rows]
+    timesteps = timesteps.to(device)
+    target = family.objective.make_target(x0, noise, timesteps)
+    if batch.cond is not None:
+        cond = batch.cached_conditioning(drop, device)
+    else:
+        cond = family.encode_prompt(captions)
+    size_cond = batch.size_conditioning()
+    if size_cond is not None:  # SDXL's micro-conditioning; families without it ignore the entry
+        cond["size_conditioning"] = size_cond.to(device)
+    pred = family.predict(target.noisy, timesteps, cond)
+    losses = per_sample_loss(pred, target.target, cfg.train.loss, cfg.train.huber_delta)
+    if cfg.train.min_snr_gamma is not None:
+        weights = min_snr_weights(target.snr, cfg.train.min_snr_gamma, family.objective.prediction_type)
+        losses = losses * weights.to(losses.device)
+    if target.weight is not None:  # the objective's own weighting (flow matching's loss_weighting)
+        losses = losses * target.weight.to(losses.device)
+    losses = losses * batch.loss_weights.to(losses.device)  # datasets[].loss_weight (e.g. for reg images)
+    if batch.global_size is None:
+        return losses.mean()
+    # the share's part of the whole batch's mean, times the processes that average it back
+    return losses.sum() * (batch.shares / batch.global_size)
+
+
+@dataclass
+class ParamGroup:
+    """Parameters stepped by one optimizer with one LR schedule (a pipeline component, or the whole model
+    of a single-stage run)."""
+
+    name: str
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr: float
+    lr_scheduler: str
+    lr_warmup_steps: int
+
+    def set_lr(self, step: int, total_steps: int) -> float:
+        lr = self.lr * lr_factor(step, total_steps, self.lr_scheduler, self.lr_warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+MicroLoss = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""micro-batch index -> (loss to backpropagate, detached metrics to log)."""
+
+
+def optimizer_step(
+    engine: Engine,
+    groups: list[ParamGroup],
+    micro_loss: MicroLoss,
+    micro_batches: int,
+    max_grad_norm: float | None,
+    where: str,
+) -> dict[str, float]:
+    """Backward over ``micro_batches`` micro-batches, then clip and step every group; returns the metrics
+    (``loss``, the micro-batches' other metrics, ``grad_norm`` per group) as floats.
+
+    Raises :class:`NonFiniteLossError` before any weight changes when the loss or a gradient norm is not
+    finite (with fp16's loss scaler an overflow is the scaler's to skip, as usual). ``where`` names the step
+    in that message.
+    """
+    total = torch.zeros((), device=engine.device)
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(micro_batches):
+        with engine.autocast():
+            loss, metrics = micro_loss(micro)
+        engine.backward(loss / micro_batches)
+        total = total + loss.detach().float() / micro_batches
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0) + v.detach().float().to(engine.device) / micro_batches
+    names = list(sums)
+    params = [p for g in groups for p in g.params.values()]
+    # gradients and the scalars are averaged over processes together (one collective)
+    scalars = engine.sync_gradients(params, torch.stack([total, *(sums[k] for k in names)]))
+    engine.unscale(g.optimizer for g in groups)
+    norms = [
+        engine.clip_grad_norm(list(g.params.values()), max_grad_norm)
+        if max_grad_norm
+        else total.new_zeros(())
+        for g in groups
+    ]
+    values = torch.cat([scalars, torch.stack(norms).to(scalars)]).tolist()  # the step's one host sync
+    loss_value, metric_values = values[0], values[1 : 1 + len(names)]
+    norm_values = values[1 + len(names) :]
+    if not math.isfinite(loss_value) or (
+        engine.scaler is None and not all(math.isfinite(v) for v in norm_values)
+    ):
+        for g in groups:
+            g.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"loss is {loss_value} {where}; the step was not applied (gradient norm "
+            f"{', '.join(f'{v:g}' for v in norm_values) if max_grad_norm else 'not computed'})"
+        )
+    for g in groups:
+        engine.optimizer_step(g.optimizer)
+        g.optimizer.zero_grad(set_to_none=True)
+    engine.update_scaler()
+    out = {**dict(zip(names, metric_values, strict=True)), "loss": loss_value}
+    if max_grad_norm:
+        if len(groups) == 1:
+            out["grad_norm"] = norm_values[0]
+        else:
+            out.update({f"grad_norm/{g.name}": v for g, v in zip(groups, norm_values, strict=True)})
+    return out
