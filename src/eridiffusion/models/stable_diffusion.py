@@ -49,6 +49,7 @@ from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.controlnet import load_unet_controlnet, pack_unet_residuals, unet_residual_kwargs
 from eridiffusion.models.objectives import BETA_SCHEDULES, DDPMObjective
 from eridiffusion.models.options import parse_model_options
+from eridiffusion.models.prompts import PromptLimit
 from eridiffusion.models.protocol import Conditioning, require_size_multiple, underscored_lora_names
 from eridiffusion.models.tokenizer import build_tokenizer
 
@@ -379,6 +380,16 @@ class StableDiffusionFamily(VAELatents):
             logger.info("%s VAE overflows in fp16 (force_upcast); keeping it in fp32", self.arch)
             self.vae.float()
         return self.vae
+
+    def prompt_limits(self) -> list[PromptLimit]:
+        return [
+            PromptLimit(
+                s.tokenizer,
+                self.tokenizers[s.tokenizer],
+                self.text_encoders[s.module].config.max_position_embeddings,
+            )
+            for s in self.text_slots
+        ]
 
     def _token_ids(self, slot: TextSlot, prompts: list[str]) -> torch.Tensor:
         encoder = self.text_encoders[slot.module]
