@@ -11,6 +11,7 @@ input instead of running classifier-free guidance.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,7 +26,10 @@ from eridiffusion.inference.inpaint import InpaintOptions, fill_latents
 from eridiffusion.inference.inpaint import prepare as prepare_inpaint
 from eridiffusion.inference.memory import MemoryOptions, decode
 from eridiffusion.inference.samplers import check_sampler, make_scheduler, resolve_sampler
+from eridiffusion.models.prompts import find_truncations
 from eridiffusion.models.protocol import Conditioning, GuidanceEmbedding, ModelFamily
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -201,6 +205,9 @@ def sample(
         if "generator" in inspect.signature(scheduler.step).parameters
         else {}
     )
+    for what, texts in (("prompts", prompts), ("negative prompts", [req.negative_prompt])):
+        for truncation in find_truncations(family, texts):
+            logger.warning("%s cut: %s", what, truncation.message(what))
     cond = family.encode_prompt(prompts)
     embedded = (
         family.embedded_guidance(req.guidance_scale, n) if isinstance(family, GuidanceEmbedding) else None

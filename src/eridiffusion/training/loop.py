@@ -24,6 +24,7 @@ from eridiffusion.config.load import dump_config
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.cache import prepare_caches
 from eridiffusion.data.loader import Batch, TrainingData, open_sources
+from eridiffusion.data.vocabulary import job_captions, warn_caption_truncation
 from eridiffusion.device import resolve_device
 from eridiffusion.inference.generate import GenerateRequest, make_grid, sample, to_pil, upscale_nearest
 from eridiffusion.inference.samplers import check_sampler
@@ -80,7 +81,8 @@ def load_or_build(cfg: JobConfig) -> ModelFamily:
     options = dict(cfg.model.options)
     if cfg.model.prediction_type is not None:  # the override applies to models built from scratch too
         options["prediction_type"] = cfg.model.prediction_type
-    return build_family(cfg.model.arch, options, seed=cfg.train.seed)
+    # the tokenizer of a from-scratch model learns the job's caption words (the same captions, the same one)
+    return build_family(cfg.model.arch, options, seed=cfg.train.seed, captions=job_captions(cfg))
 
 
 def diffusion_loss(
@@ -245,6 +247,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     data = TrainingData(cfg.datasets, t.batch_size, t.seed, family.size_multiple(), sources)
     if data.skipped:
         logger.warning("%d unreadable image(s) skipped; training on %d", data.skipped, len(data))
+    warn_caption_truncation(family, [c for captions in data.captions for c in captions])
     if cfg.network is not None:
         store_frozen_weights(family, set(), cfg.model.dtype)
         params = attach_network(family, cfg.network, t.train_text_encoder, seed=t.seed)

@@ -26,6 +26,7 @@ from eridiffusion.config.schema import DatasetConfig, GroupConfig, JobConfig, Op
 from eridiffusion.data.cache import EncoderOffload, encoder_names, prepare_caches
 from eridiffusion.data.folder import IMAGE_EXTENSIONS
 from eridiffusion.data.loader import TrainingData
+from eridiffusion.data.vocabulary import job_captions, warn_caption_truncation
 from eridiffusion.device import resolve_device
 from eridiffusion.inference.evaluate import EvalSettings, evaluate_into, prompts_path, read_prompts
 from eridiffusion.models import ModelFamily, load_family
@@ -578,6 +579,7 @@ def run_pipeline(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = 
         state = saved[0]
 
     family = load_or_build(cfg)
+    warn_caption_truncation(family, job_captions(cfg))
     plans, problems = plan_stages(cfg, family)
     if problems:
         raise ValueError("pipeline problems:\n" + "\n".join(f"  {p}" for p in problems))
