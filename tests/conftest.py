@@ -24,7 +24,7 @@ TINY_OPTIONS: dict[str, Any] = {
     "context_dim": 32,
     "text_layers": 1,
     "text_heads": 2,
-    "text_max_length": 12,
+    "max_tokens": 12,
 }
 
 

@@ -174,6 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width,
         images_per_prompt=args.n,
         strength=args.strength,
+        long_prompts=args.long_prompts,
     )
     if args.mask and not args.init_image:
         raise ValueError("--mask needs --init-image (inpainting repaints part of a start image)")
@@ -420,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (e.g. output/NAME/model)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument(
+        "--long-prompts",
+        choices=["truncate", "chunk"],
+        default="truncate",
+        help="prompts past the text encoder's limit: cut them (with a warning) or, SD1.5/SDXL, encode them "
+        "in 75-token chunks as A1111 does",
+    )
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument(

@@ -222,3 +222,14 @@ def test_a_config_that_is_a_folder_or_not_utf8_names_the_problem(
     assert main(["validate", str(latin1)]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "not UTF-8" in err and "line 1" in err and "codec" not in err
+
+
+def test_resuming_with_other_captions_says_what_changed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A from-scratch model's tokenizer learns the captions: new words change its embedding's shape."""
+    cfg = write_yaml(tmp_path / "job.yaml", tiny_job(tmp_path))
+    assert main(["train", str(cfg), "train.steps=2"]) == 0
+    for i, caption in enumerate(sorted((tmp_path / "shapes").glob("*.txt"))):
+        caption.write_text(f"zorblax quintessential flibbertigibbet number {i}")
+    assert main(["train", str(cfg), "train.steps=4"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "changed shape" in err and "captions" in err and "Traceback" not in err

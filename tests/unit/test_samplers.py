@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 from eridiffusion.inference.samplers import (
@@ -134,3 +143,68 @@ def test_flow_scheduler_matches_the_objective(dynamic: bool) -> None:
     sched.set_timesteps(4, **obj.set_timesteps_kwargs(4, (16, 64, 64)))
     assert len(sched.timesteps) == 4 and float(sched.sigmas[-1]) == 0.0
     torch.testing.assert_close(sched.timesteps, sched.sigmas[:-1] * 1000)
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """What an A1111 sampler name means, written here independently of the registry."""
+
+    scheduler: type
+    karras: bool = False
+    ancestral: bool = False
+    """Adds fresh noise at every step (A1111's "a" samplers, and DDPM's posterior sampling)."""
+    evals_per_step: int = 1
+    """Model evaluations per step: 2 for Heun's second-order correction (diffusers' ``order``)."""
+    multistep_order: int | None = None
+    algorithm: str | None = None
+
+
+PINNED: dict[str, Pinned] = {
+    "DDIM": Pinned(DDIMScheduler),
+    "DDPM": Pinned(DDPMScheduler, ancestral=True),
+    "Euler": Pinned(EulerDiscreteScheduler),
+    "Euler a": Pinned(EulerAncestralDiscreteScheduler, ancestral=True),
+    "Heun": Pinned(HeunDiscreteScheduler, evals_per_step=2),
+    "DPM++ 2M": Pinned(DPMSolverMultistepScheduler, multistep_order=2, algorithm="dpmsolver++"),
+    "DPM++ 2M Karras": Pinned(
+        DPMSolverMultistepScheduler, karras=True, multistep_order=2, algorithm="dpmsolver++"
+    ),
+    "UniPC": Pinned(UniPCMultistepScheduler, multistep_order=2),
+    "Flow Euler": Pinned(FlowMatchEulerDiscreteScheduler),
+}
+
+
+def _adds_noise(sched: Any) -> bool:
+    """Does one step's result depend on the generator? (Behaviour, not the registry's ``stochastic`` flag.)"""
+    if "generator" not in inspect.signature(sched.step).parameters:
+        return False
+    sched.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    sample, output = torch.randn((1, 4, 8, 8), generator=g), torch.randn((1, 4, 8, 8), generator=g)
+    t = sched.timesteps[0]
+    if hasattr(sched, "scale_model_input"):  # the k-diffusion style schedulers scale their input first
+        sample = sched.scale_model_input(sample, t)
+    results = []
+    for seed in (1, 2):
+        fresh = copy.deepcopy(sched)
+        step = fresh.step(output, t, sample, generator=torch.Generator().manual_seed(seed))
+        results.append(step.prev_sample)
+    return not torch.equal(*results)
+
+
+def test_registry_names_exactly_the_pinned_samplers() -> None:
+    assert sorted(s.label for s in SAMPLERS.values()) == sorted(PINNED)
+
+
+@pytest.mark.parametrize("label", sorted(PINNED))
+def test_a1111_name_builds_its_pinned_scheduler(label: str) -> None:
+    want = PINNED[label]
+    objective = FlowMatchObjective(shift=1.0) if label == "Flow Euler" else DDPMObjective("linear", "epsilon")
+    sched = make_scheduler(label, objective.scheduler_config())
+    assert type(sched) is want.scheduler, f"{label} builds {type(sched).__name__}"
+    assert bool(sched.config.get("use_karras_sigmas")) is want.karras
+    assert sched.order == want.evals_per_step
+    assert sched.config.get("solver_order") == want.multistep_order
+    assert sched.config.get("algorithm_type") == want.algorithm
+    assert _adds_noise(sched) is want.ancestral
+    assert resolve_sampler(label).stochastic is want.ancestral

@@ -11,6 +11,7 @@ input instead of running classifier-free guidance.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,7 +26,11 @@ from eridiffusion.inference.inpaint import InpaintOptions, fill_latents
 from eridiffusion.inference.inpaint import prepare as prepare_inpaint
 from eridiffusion.inference.memory import MemoryOptions, decode
 from eridiffusion.inference.samplers import check_sampler, make_scheduler, resolve_sampler
+from eridiffusion.models.prompt_chunks import ChunkedPrompts
+from eridiffusion.models.prompts import find_truncations
 from eridiffusion.models.protocol import Conditioning, GuidanceEmbedding, ModelFamily
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +58,9 @@ class GenerateRequest:
     model_name: str = field(default="")
     controls: list[ControlUnit] = field(default_factory=list)
     """ControlNet units; their models are loaded by the caller and passed to :func:`sample`."""
+    long_prompts: str = "truncate"
+    """``truncate`` (cut at each encoder's limit, with a warning) or ``chunk`` (A1111's 75-token chunks;
+    SD1.5/SDXL)."""
 
     def expanded_prompts(self) -> list[str]:
         return [p for p in self.prompts for _ in range(self.images_per_prompt)]
@@ -143,6 +151,34 @@ StepCallback = Callable[[int, int], None]
 is how a server reports progress and interrupts a running job without threads killing each other."""
 
 
+def encode_prompts(
+    family: ModelFamily, prompts: list[str], negative: str | None, long_prompts: str = "truncate"
+) -> Conditioning:
+    """The prompts' conditioning, followed by the negative prompt's for each (classifier-free guidance)
+    when ``negative`` is given. ``long_prompts``: ``truncate`` cuts at each encoder's limit (with a
+    warning), ``chunk`` encodes longer prompts A1111's way (SD1.5/SDXL only)."""
+    if long_prompts not in ("truncate", "chunk"):
+        raise ValueError(f"long_prompts {long_prompts!r}: choose truncate or chunk")
+    if long_prompts == "truncate":
+        _warn_truncation(family, prompts, negative)
+        cond = family.encode_prompt(prompts)
+        return _cat(cond, family.encode_prompt([negative] * len(prompts))) if negative is not None else cond
+    if not isinstance(family, ChunkedPrompts):
+        raise ValueError(
+            f"long_prompts chunk is for SD1.5/SDXL (CLIP) models; a {family.arch} model cuts prompts at its "
+            "limit (use long_prompts truncate)"
+        )
+    with family.chunked_prompts():
+        # one batch: a prompt and its negative get the same number of chunks, as A1111 pads them
+        return family.encode_prompt(prompts + ([negative] * len(prompts) if negative is not None else []))
+
+
+def _warn_truncation(family: ModelFamily, prompts: list[str], negative: str | None) -> None:
+    for what, texts in (("prompts", prompts), ("negative prompts", [negative] if negative else [])):
+        for truncation in find_truncations(family, texts):
+            logger.warning("%s cut: %s", what, truncation.message(what))
+
+
 @torch.no_grad()
 def sample(
     family: ModelFamily,
@@ -201,15 +237,13 @@ def sample(
         if "generator" in inspect.signature(scheduler.step).parameters
         else {}
     )
-    cond = family.encode_prompt(prompts)
     embedded = (
         family.embedded_guidance(req.guidance_scale, n) if isinstance(family, GuidanceEmbedding) else None
     )
+    use_cfg = embedded is None and req.guidance_scale != 1.0
+    cond = encode_prompts(family, prompts, req.negative_prompt if use_cfg else None, req.long_prompts)
     if embedded is not None:
         cond = {**cond, **{k: v.to(device) for k, v in embedded.items()}}
-    use_cfg = embedded is None and req.guidance_scale != 1.0
-    if use_cfg:
-        cond = _cat(cond, family.encode_prompt([req.negative_prompt] * n))
     scales_input = hasattr(scheduler, "scale_model_input")
     total = len(schedule)
     for i, t in enumerate(schedule):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,10 @@ __all__ = [
 @dataclass(frozen=True)
 class FamilyEntry:
     arch: str
-    build: Callable[[dict[str, Any], int], ModelFamily]
-    """(model.options, seed) -> randomly initialised model."""
+    build: Callable[[dict[str, Any], int, Sequence[str] | None], ModelFamily]
+    """(model.options, seed, training captions) -> randomly initialised model. Only the tiny family learns
+    its tokenizer from the captions; the others build the fixed local vocabulary (their real tokenizers come
+    with the weights they load)."""
     load: Callable[[Path, ModelConfig], ModelFamily]
     """(path, model config with component paths) -> loaded model, offline."""
     detect: Callable[[Path], bool]
@@ -47,9 +49,15 @@ class FamilyEntry:
     """Does ``load`` honour ``model.options`` (e.g. the flow-matching training settings of sd3/flux)?"""
 
 
-def _tiny_build(options: dict[str, Any], seed: int) -> ModelFamily:
+def _tiny_build(options: dict[str, Any], seed: int, captions: Sequence[str] | None) -> ModelFamily:
     with tempfile.TemporaryDirectory() as tmp:
-        return TinyFamily.build(parse_options(options), Path(tmp) / "tokenizer", seed=seed)
+        return TinyFamily.build(parse_options(options), Path(tmp) / "tokenizer", seed=seed, captions=captions)
+
+
+def _fixed_vocabulary(
+    build: Callable[[dict[str, Any], int], ModelFamily],
+) -> Callable[[dict[str, Any], int, Sequence[str] | None], ModelFamily]:
+    return lambda options, seed, _captions: build(options, seed)
 
 
 def _tiny_detect(path: Path) -> bool:
@@ -61,18 +69,25 @@ FAMILIES: dict[str, FamilyEntry] = {
     "tiny": FamilyEntry(
         "tiny", _tiny_build, lambda path, _cfg: TinyFamily.from_pretrained(path), _tiny_detect
     ),
-    "sd15": FamilyEntry("sd15", SD15Family.build, SD15Family.load, SD15Family.detect),
-    "sdxl": FamilyEntry("sdxl", SDXLFamily.build, SDXLFamily.load, SDXLFamily.detect),
-    "sd3": FamilyEntry("sd3", SD3Family.build, SD3Family.load, SD3Family.detect, load_options=True),
-    "flux": FamilyEntry("flux", FluxFamily.build, FluxFamily.load, FluxFamily.detect, load_options=True),
+    "sd15": FamilyEntry("sd15", _fixed_vocabulary(SD15Family.build), SD15Family.load, SD15Family.detect),
+    "sdxl": FamilyEntry("sdxl", _fixed_vocabulary(SDXLFamily.build), SDXLFamily.load, SDXLFamily.detect),
+    "sd3": FamilyEntry(
+        "sd3", _fixed_vocabulary(SD3Family.build), SD3Family.load, SD3Family.detect, load_options=True
+    ),
+    "flux": FamilyEntry(
+        "flux", _fixed_vocabulary(FluxFamily.build), FluxFamily.load, FluxFamily.detect, load_options=True
+    ),
 }
 
 
-def build_family(arch: str, options: dict[str, Any], seed: int = 0) -> ModelFamily:
-    """A randomly initialised model of ``arch``; ``seed`` fixes the initial weights."""
+def build_family(
+    arch: str, options: dict[str, Any], seed: int = 0, captions: Sequence[str] | None = None
+) -> ModelFamily:
+    """A randomly initialised model of ``arch``; ``seed`` fixes the initial weights and ``captions`` (the
+    job's training captions, trigger words applied) the vocabulary of a tokenizer built with the model."""
     if arch not in FAMILIES:
         raise ValueError(f"model.arch {arch!r} is not a known family; choose one of {sorted(FAMILIES)}")
-    return FAMILIES[arch].build(options, seed)
+    return FAMILIES[arch].build(options, seed, captions)
 
 
 def detect_arch(path: Path) -> str:

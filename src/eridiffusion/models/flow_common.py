@@ -51,6 +51,7 @@ from transformers import (
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.objectives import FlowMatchObjective
 from eridiffusion.models.options import parse_model_options
+from eridiffusion.models.prompts import PromptLimit
 from eridiffusion.models.protocol import (
     Conditioning,
     FusedLayer,
@@ -750,6 +751,23 @@ class FlowTransformerFamily(VAELatents):
             self.vae.float()
         return self.vae
 
+    @property
+    def t5_length(self) -> int:
+        """T5 tokens per prompt: ``t5_max_length``, or 256 (Flux schnell's) when a model does not say."""
+        return int(self.options.t5_max_length or 256)
+
+    def prompt_limits(self) -> list[PromptLimit]:
+        return [
+            PromptLimit(
+                s.tokenizer,
+                self.tokenizers[s.tokenizer],
+                self.t5_length
+                if s.kind == "t5"
+                else self.text_encoders[s.module].config.max_position_embeddings,
+            )
+            for s in self.slots
+        ]
+
     def _clip_outputs(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [
             clip_embeddings(self.text_encoders[s.module], self.tokenizers[s.tokenizer], prompts)
@@ -763,7 +781,7 @@ class FlowTransformerFamily(VAELatents):
             self.text_encoders[slot.module],
             self.tokenizers[slot.tokenizer],
             prompts,
-            int(self.options.t5_max_length or 256),
+            self.t5_length,
         )
 
 

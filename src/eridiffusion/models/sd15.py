@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from transformers import CLIPTextModel
 
+from eridiffusion.models.prompt_chunks import join_chunks
 from eridiffusion.models.protocol import Conditioning
 from eridiffusion.models.stable_diffusion import StableDiffusionFamily, TextSlot
 
@@ -33,7 +34,7 @@ class SD15Family(StableDiffusionFamily):
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         slot = self.text_slots[0]
         ids = self._token_ids(slot, prompts)
-        return {"context": self.text_encoders[slot.module](ids).last_hidden_state}
+        return {"context": join_chunks(self.text_encoders[slot.module](ids).last_hidden_state, len(prompts))}
 
     def extra_index_entries(self) -> dict[str, object]:
         # diffusers' StableDiffusionPipeline expects these optional components to be declared

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from eridiffusion.models.prompt_chunks import first_chunk, join_chunks
 from eridiffusion.models.protocol import Conditioning, module_dtype
 from eridiffusion.models.stable_diffusion import StableDiffusionFamily, TextSlot, unet_key_to_ldm
 
@@ -74,9 +75,9 @@ class SDXLFamily(StableDiffusionFamily):
         pooled = torch.empty(0)
         for slot in self.text_slots:
             out = self.text_encoders[slot.module](self._token_ids(slot, prompts), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
+            hidden.append(join_chunks(out.hidden_states[-2], len(prompts)))
             if slot.open_clip:
-                pooled = out.text_embeds
+                pooled = first_chunk(out.text_embeds, len(prompts))
         dtype = module_dtype(self.unet)
         context = torch.cat([h.to(dtype) for h in hidden], dim=-1)
         pooled = pooled.to(dtype)

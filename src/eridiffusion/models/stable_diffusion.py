@@ -19,10 +19,11 @@ and how their outputs condition the UNet). Everything else lives once in this mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -49,6 +50,8 @@ from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.controlnet import load_unet_controlnet, pack_unet_residuals, unet_residual_kwargs
 from eridiffusion.models.objectives import BETA_SCHEDULES, DDPMObjective
 from eridiffusion.models.options import parse_model_options
+from eridiffusion.models.prompt_chunks import chunk_count, chunked_ids
+from eridiffusion.models.prompts import PromptLimit
 from eridiffusion.models.protocol import (
     Conditioning,
     module_device,
@@ -225,6 +228,8 @@ class StableDiffusionFamily(VAELatents):
         self.tokenizers = tokenizers
         self.objective = objective
         self.pipeline_config = dict(pipeline_config or {})
+        self._chunking = False
+        """Set by :meth:`chunked_prompts`: long prompts are encoded in chunks instead of cut."""
 
     # construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -386,14 +391,38 @@ class StableDiffusionFamily(VAELatents):
             self.vae.float()
         return self.vae
 
+    @contextlib.contextmanager
+    def chunked_prompts(self) -> Iterator[None]:
+        """A1111-style long prompts (see :mod:`eridiffusion.models.prompt_chunks`) while active."""
+        self._chunking = True
+        try:
+            yield
+        finally:
+            self._chunking = False
+
+    def prompt_limits(self) -> list[PromptLimit]:
+        if self._chunking:
+            return []  # nothing is cut
+        return [
+            PromptLimit(
+                s.tokenizer,
+                self.tokenizers[s.tokenizer],
+                self.text_encoders[s.module].config.max_position_embeddings,
+            )
+            for s in self.text_slots
+        ]
+
     def _token_ids(self, slot: TextSlot, prompts: list[str]) -> torch.Tensor:
+        """(B, length) ids cut at the encoder's window, or (B * chunks, length) while chunking; the
+        encoders' outputs go through :func:`join_chunks` / :func:`first_chunk` either way."""
         encoder = self.text_encoders[slot.module]
-        return self.tokenizers[slot.tokenizer](
-            prompts,
-            padding="max_length",
-            max_length=encoder.config.max_position_embeddings,
-            truncation=True,
-            return_tensors="pt",
+        tokenizer, length = self.tokenizers[slot.tokenizer], encoder.config.max_position_embeddings
+        if self._chunking:
+            # every encoder of the family gets the same chunk count, so their hidden states line up
+            chunks = max(chunk_count(self.tokenizers[s.tokenizer], prompts, length) for s in self.text_slots)
+            return chunked_ids(tokenizer, prompts, length, chunks).to(module_device(encoder))
+        return tokenizer(
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
         ).input_ids.to(module_device(encoder))
 
     def added_cond(self, noisy: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ four times cheaper than convolving at full resolution, with no autoencoder to tr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from eridiffusion.models.objectives import DDPMObjective
 from eridiffusion.models.options import parse_model_options
+from eridiffusion.models.prompts import PromptLimit
 from eridiffusion.models.protocol import (
     Conditioning,
     module_device,
@@ -29,7 +31,7 @@ from eridiffusion.models.protocol import (
     require_size_multiple,
     underscored_lora_names,
 )
-from eridiffusion.models.tokenizer import build_tokenizer
+from eridiffusion.models.tokenizer import DEFAULT_MAX_VOCAB, MIN_TOKENS, build_tokenizer, learn_tokenizer
 
 FAMILY_FILE = "eri_family.json"
 
@@ -51,7 +53,14 @@ class TinyOptions(BaseModel):
     context_dim: int = Field(default=64, ge=8, description="text encoder width = cross-attention dim")
     text_layers: int = Field(default=2, ge=1)
     text_heads: int = Field(default=4, ge=1)
-    text_max_length: int = Field(default=16, ge=4)
+    max_tokens: int | None = Field(
+        default=None,
+        ge=4,
+        description="tokens per prompt (start/end included); null: chosen from the training captions",
+    )
+    max_vocab: int = Field(
+        default=DEFAULT_MAX_VOCAB, ge=1024, description="tokenizer size limit when learning from captions"
+    )
     beta_schedule: Literal["linear", "cosine", "quadratic"] = "linear"
     beta_start: float = Field(default=0.0001, gt=0, lt=1, description="linear/quadratic schedules only")
     beta_end: float = Field(default=0.02, gt=0, lt=1, description="linear/quadratic schedules only")
@@ -74,6 +83,17 @@ class TinyOptions(BaseModel):
     @property
     def size_multiple(self) -> int:
         return self.input_factor * 2 ** (len(self.channels) - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Models (and configs) from before ``max_tokens`` name the prompt length ``text_max_length``; it
+        means the same, so they keep loading."""
+        if isinstance(data, dict) and "text_max_length" in data:
+            data = dict(data)
+            legacy = data.pop("text_max_length")
+            data.setdefault("max_tokens", legacy)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> TinyOptions:
@@ -133,9 +153,20 @@ class TinyFamily:
 
     # construction ---------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, options: TinyOptions, tokenizer_dir: Path, seed: int = 0) -> TinyFamily:
-        """Random-initialised model; ``seed`` makes the initial weights reproducible."""
-        tokenizer = build_tokenizer(tokenizer_dir, max_length=options.text_max_length)
+    def build(
+        cls, options: TinyOptions, tokenizer_dir: Path, seed: int = 0, captions: Sequence[str] | None = None
+    ) -> TinyFamily:
+        """Random-initialised model; ``seed`` makes the initial weights reproducible.
+
+        With ``captions`` (the job's training captions) the tokenizer learns their words and, unless
+        ``max_tokens`` is set, its prompt length; without them it has the built-in word list and 16 tokens.
+        The same captions always give the same tokenizer, so a resumed run rebuilds the one it started with.
+        """
+        if captions:
+            tokenizer = learn_tokenizer(tokenizer_dir, captions, options.max_vocab, options.max_tokens)
+        else:
+            tokenizer = build_tokenizer(tokenizer_dir, max_length=options.max_tokens or MIN_TOKENS)
+        options = options.model_copy(update={"max_tokens": tokenizer.model_max_length})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             text_encoder = CLIPTextModel(
@@ -145,7 +176,7 @@ class TinyFamily:
                     intermediate_size=options.context_dim * 2,
                     num_hidden_layers=options.text_layers,
                     num_attention_heads=options.text_heads,
-                    max_position_embeddings=options.text_max_length,
+                    max_position_embeddings=options.max_tokens,
                     bos_token_id=tokenizer.bos_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id,
@@ -206,11 +237,20 @@ class TinyFamily:
         ids = self.tokenizer(
             prompts,
             padding="max_length",
-            max_length=self.options.text_max_length,
+            max_length=self.max_tokens,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(module_device(self.text_encoder))
         return {"context": self.text_encoder(ids).last_hidden_state}
+
+    @property
+    def max_tokens(self) -> int:
+        """Set by :meth:`build` (or read from the saved options), so never None on a model."""
+        assert self.options.max_tokens is not None
+        return self.options.max_tokens
+
+    def prompt_limits(self) -> list[PromptLimit]:
+        return [PromptLimit("tokenizer", self.tokenizer, self.max_tokens)]
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.vae is None:

@@ -27,6 +27,7 @@ import torch
 from eridiffusion.config.load import dump_config
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.loader import open_sources
+from eridiffusion.data.vocabulary import job_captions, warn_caption_truncation
 from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models import ModelFamily, build_family, load_family
 from eridiffusion.networks import export_network
@@ -108,7 +109,8 @@ def load_or_build(cfg: JobConfig) -> ModelFamily:
     options = dict(cfg.model.options)
     if cfg.model.prediction_type is not None:  # the override applies to models built from scratch too
         options["prediction_type"] = cfg.model.prediction_type
-    return build_family(cfg.model.arch, options, seed=cfg.train.seed)
+    # the tokenizer of a from-scratch model learns the job's caption words (the same captions, the same one)
+    return build_family(cfg.model.arch, options, seed=cfg.train.seed, captions=job_captions(cfg))
 
 
 def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -> TrainResult:
@@ -133,6 +135,8 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     state = _initial_state(cfg, info.run_id, engine, resume)
     family: ModelFamily | None = load_or_build(cfg)
     plans = _plan(cfg, family)
+    if engine.is_main:  # once per job: captions the text encoders would cut
+        warn_caption_truncation(family, job_captions(cfg))
     if state.stage > 0:  # resuming a later pipeline step: it starts from the previous step's saved model
         family = None
     log = RunLogger(cfg, engine.is_main, info.run_id)
@@ -367,9 +371,19 @@ def restore(live: LiveStage, resume: tuple[Path, Loaded], engine: Engine, state:
     path, (saved, weights, opt_state, ema_state) = resume
     missing = set(live.params()) - set(weights)
     if missing:
-        raise RuntimeError(
+        raise ValueError(
             f"checkpoint '{path}' does not match this model: {len(missing)} trainable tensors "
-            f"missing, e.g. {sorted(missing)[:3]}"
+            f"missing, e.g. {sorted(missing)[:3]}; restore the config it was trained with, or change `name`"
+        )
+    reshaped = [(k, tuple(weights[k].shape), tuple(p.shape)) for k, p in live.params().items()]
+    reshaped = [r for r in reshaped if r[1] != r[2]]
+    if reshaped:
+        name, saved_shape, shape = reshaped[0]
+        raise ValueError(
+            f"checkpoint '{path}' does not match this model: {len(reshaped)} tensors changed shape (e.g. "
+            f"{name}: {saved_shape} saved, {shape} now). Did model.options, the network rank or (for a model "
+            "built from scratch, whose tokenizer learns them) the captions change? Restore them, or change "
+            "`name` to start a new run"
         )
     with torch.no_grad():
         for name, p in live.params().items():

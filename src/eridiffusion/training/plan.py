@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from eridiffusion.config.load import ConfigError
 from eridiffusion.config.schema import JobConfig
+from eridiffusion.data.vocabulary import job_captions
 from eridiffusion.inference.samplers import check_sampler, resolve_sampler
+from eridiffusion.models.prompts import find_truncations
 from eridiffusion.models.protocol import ModelFamily
 from eridiffusion.training.loop import load_or_build
 from eridiffusion.training.pipeline import StagePlan, estimate_images, plan_stages, stage_parameter_counts
@@ -34,8 +36,9 @@ def describe_plan(cfg: JobConfig) -> str:
         problems += stage_problems
     if problems:
         raise ConfigError("config problems:\n" + "\n".join(f"  {p}" for p in problems))
+    notes = _caption_notes(cfg, family)
     if cfg.pipeline is not None:
-        return _describe_pipeline(cfg, family, plans)
+        return "\n".join([_describe_pipeline(cfg, family, plans), *notes])
 
     t = cfg.train
     trainable = family.trainable_modules(t.train_text_encoder)
@@ -53,8 +56,16 @@ def describe_plan(cfg: JobConfig) -> str:
         f"  steps: {t.steps} x {per_step} images = {t.steps * per_step / max(1, images):.1f} epochs",
         f"  optimizer: {t.optimizer.type} lr {t.lr:g}, {t.lr_scheduler} schedule, warmup {t.lr_warmup_steps}",
         f"  checkpoints every {cfg.save.every} steps, keeping {cfg.save.keep}",
+        *notes,
     ]
     return "\n".join(lines)
+
+
+def _caption_notes(cfg: JobConfig, family: ModelFamily) -> list[str]:
+    """The data scan's warning about captions the text encoders would cut, for the plan's reader."""
+    return [
+        f"  warning: {t.message('distinct captions')}" for t in find_truncations(family, job_captions(cfg))
+    ]
 
 
 def _describe_pipeline(cfg: JobConfig, family: ModelFamily, plans: list[StagePlan]) -> str:
