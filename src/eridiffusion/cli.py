@@ -81,6 +81,15 @@ def _launch(processes: int, argv: list[str]) -> int:
         )
         for r in range(processes)
     ]
+    import signal
+
+    def forward(signum: int, _frame: object) -> None:  # a stop request reaches every process
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, forward)
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -537,12 +546,16 @@ def main(argv: list[str] | None = None) -> int:
     from eridiffusion.data.folder import DatasetError
     from eridiffusion.training.checkpoint import CheckpointError, DiskFullError
     from eridiffusion.training.step import NonFiniteLossError
+    from eridiffusion.training.stop import EXIT_STOPPED, TrainingStopped
 
     try:
         return args.func(args)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except TrainingStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_STOPPED
     except (
         ConfigError,
         DatasetError,

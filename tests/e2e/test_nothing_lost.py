@@ -224,7 +224,9 @@ def test_a_config_that_is_a_folder_or_not_utf8_names_the_problem(
     assert "not UTF-8" in err and "line 1" in err and "codec" not in err
 
 
-def test_resuming_with_other_captions_says_what_changed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resuming_with_other_captions_says_what_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """A from-scratch model's tokenizer learns the captions: new words change its embedding's shape."""
     cfg = write_yaml(tmp_path / "job.yaml", tiny_job(tmp_path))
     assert main(["train", str(cfg), "train.steps=2"]) == 0
@@ -233,3 +235,37 @@ def test_resuming_with_other_captions_says_what_changed(tmp_path: Path, capsys: 
     assert main(["train", str(cfg), "train.steps=4"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "changed shape" in err and "captions" in err and "Traceback" not in err
+
+
+def test_sigterm_stops_after_a_checkpoint_and_the_run_resumes(tmp_path: Path) -> None:
+    """The first SIGTERM (or Ctrl-C) finishes the step, checkpoints, exits 130 and marks the run
+    interrupted; the same command then resumes it to the end."""
+    import signal
+    import sys
+    import time
+
+    job = tiny_job(tmp_path)
+    job["train"]["steps"] = 400
+    job["save"] = {"every": 1000, "keep": 2}
+    cfg = write_yaml(tmp_path / "job.yaml", job)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "eridiffusion.cli", "train", str(cfg)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "output" / "t" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped at step" in err and "Traceback" not in err
+    run = tmp_path / "output" / "t"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["pid"] == 0
+    (ckpt,) = _ckpts(run)
+    assert int(ckpt.split("_")[1]) == info["step"] > 0  # saved although save.every is 1000
+    done = subprocess.run(
+        [*cmd, "train.steps=" + str(info["step"] + 2)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"

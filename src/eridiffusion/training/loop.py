@@ -19,14 +19,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from eridiffusion.config.load import dump_config
 from eridiffusion.config.schema import JobConfig
-from eridiffusion.data.loader import open_sources
+from eridiffusion.data.loader import ImageSource, open_sources
 from eridiffusion.data.vocabulary import job_captions, warn_caption_truncation
 from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models import ModelFamily, build_family, load_family
@@ -50,6 +50,7 @@ from eridiffusion.training.stages import (
     transition_done,
 )
 from eridiffusion.training.step import NonFiniteLossError, diffusion_loss, step_generator
+from eridiffusion.training.stop import StopRequest, TrainingStopped
 
 __all__ = [
     "NonFiniteLossError",
@@ -85,6 +86,7 @@ class Run:
     ckpts: CheckpointManager
     log: RunLogger
     on_step: Callable[[TrainState], None] | None = None
+    stop: StopRequest = field(default_factory=StopRequest)
 
 
 def config_fingerprint(cfg: JobConfig) -> str:
@@ -141,35 +143,64 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
         family = None
     log = RunLogger(cfg, engine.is_main, info.run_id)
     run = Run(cfg, engine, ckpts, log, on_step)
+    status = "failed"
+    if engine.is_main:
+        info.set(run_dir, "running", state.step)
     try:
-        for plan in plans[state.stage :]:
-            if family is None:
-                family = _model_at_stage(cfg, plans, plan.index)
-            family = family.to(engine.device)
-            out_dir = run_dir if plan.single else run_dir / "stages" / f"{plan.index}-{plan.config.name}"
-            live = setup_stage(cfg, family, plan, engine, out_dir, sources if plan.single else None)
-            if resume is not None and state.stage == plan.index and state.stage_step > 0:
-                restore(live, resume, engine, state)
-                logger.info("resumed %s at its step %d", plan.config.name, state.stage_step)
-            state.stage_name = plan.config.name
-            started = time.perf_counter()
-            metrics = run_stage(run, family, live, state)
-            output = _end_stage(run, family, live, state, metrics, started)
-            family = None if not plan.single and plan.index + 1 < len(plans) else family
-        if family is None:  # every stage had finished before this resume: the last one's model
-            family = _model_at_stage(cfg, plans, len(plans))
-        if not plans[0].single:
-            output = run_dir / "model"
-            if engine.is_main:
-                atomic_write_dir(output, family.save_pretrained)
-                summary = json.dumps(state.stages_done, indent=1)
-                (run_dir / "pipeline_summary.json").write_text(summary, encoding="utf-8")
+        with run.stop.installed():
+            output = _run_stages(run, plans, family, state, resume, sources)
+        status = "finished"
+    except (TrainingStopped, KeyboardInterrupt):
+        status = "interrupted"
+        raise
+    except BaseException as exc:
+        if engine.is_main:
+            info.set(run_dir, "failed", state.step, f"{type(exc).__name__}: {exc}"[:1000])
+        raise
     finally:
         log.close()
+        if engine.is_main and status == "interrupted":
+            info.set(run_dir, "interrupted", state.step)
     if engine.is_main:
         mark_finished(run_dir, info, fingerprint, state.step, output)
     engine.barrier()
     return TrainResult(run_dir, state.step, output, state.last_loss, resume[0] if resume else None)
+
+
+def _run_stages(
+    run: Run,
+    plans: list[StagePlan],
+    family: ModelFamily | None,
+    state: TrainState,
+    resume: tuple[Path, Loaded] | None,
+    sources: list[ImageSource],
+) -> Path:
+    """Every stage from the state's on, then the pipeline's final model; returns the run's output."""
+    cfg, engine, run_dir = run.cfg, run.engine, run.cfg.run_dir
+    output = run_dir
+    for plan in plans[state.stage :]:
+        if family is None:
+            family = _model_at_stage(cfg, plans, plan.index)
+        family = family.to(engine.device)
+        out_dir = run_dir if plan.single else run_dir / "stages" / f"{plan.index}-{plan.config.name}"
+        live = setup_stage(cfg, family, plan, engine, out_dir, sources if plan.single else None)
+        if resume is not None and state.stage == plan.index and state.stage_step > 0:
+            restore(live, resume, engine, state)
+            logger.info("resumed %s at its step %d", plan.config.name, state.stage_step)
+        state.stage_name = plan.config.name
+        started = time.perf_counter()
+        metrics = run_stage(run, family, live, state)
+        output = _end_stage(run, family, live, state, metrics, started)
+        family = None if not plan.single and plan.index + 1 < len(plans) else family
+    if family is None:  # every stage had finished before this resume: the last one's model
+        family = _model_at_stage(cfg, plans, len(plans))
+    if not plans[0].single:
+        output = run_dir / "model"
+        if engine.is_main:
+            atomic_write_dir(output, family.save_pretrained)
+            summary = json.dumps(state.stages_done, indent=1)
+            (run_dir / "pipeline_summary.json").write_text(summary, encoding="utf-8")
+    return output
 
 
 def _adapter_name(cfg: JobConfig) -> str:
@@ -280,10 +311,18 @@ def run_stage(run: Run, family: ModelFamily, live: LiveStage, state: TrainState)
                 run.log.log(state.step, {**metrics, **extra}, group=group)
             if cfg.sample.every and state.step % cfg.sample.every == 0 and not done:
                 _samples(run, family, live, state, group)
-            if (state.step % cfg.save.every == 0 and not done) or (done and plan.single):
+            saved = (state.step % cfg.save.every == 0 and not done) or (done and plan.single)
+            if saved:
                 save_checkpoint(run, family, live, state)
             if run.on_step is not None:
                 run.on_step(state)
+            if not done and run.stop.agreed(engine.world, engine.device):
+                if not saved:
+                    save_checkpoint(run, family, live, state)
+                raise TrainingStopped(
+                    f"stopped at step {state.step} ({run.stop.signal_name or 'on request'}); checkpoint "
+                    f"{run.ckpts.latest()}. Run the same command to resume"
+                )
     finally:
         live.close()
         bar.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,11 +40,25 @@ class RunInfo:
 
     run_id: str
     status: str = "running"
+    """running, finished, interrupted (stopped by a signal, resumable) or failed (``error`` says why)."""
     fingerprint: str = ""
     final_step: int = 0
     output: str = ""
+    pid: int = 0
+    """The main training process while running (a tool can tell a live run from a killed one)."""
+    step: int = 0
+    """The optimizer step reached when the status last changed."""
+    error: str = ""
+    updated: str = ""
+
+    def set(self, run_dir: Path, status: str, step: int, error: str = "") -> None:
+        """Record a status change (main process)."""
+        self.status, self.step, self.error = status, step, error
+        self.pid = os.getpid() if status == "running" else 0
+        self.write(run_dir)
 
     def write(self, run_dir: Path) -> None:
+        self.updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         tmp = run_dir / f".{RUN_FILE}.tmp"
         tmp.write_text(json.dumps(self.__dict__, indent=1), encoding="utf-8")
         tmp.replace(run_dir / RUN_FILE)
@@ -113,9 +128,9 @@ def is_finished(info: RunInfo, fingerprint: str, run_dir: Path) -> bool:
 
 
 def mark_finished(run_dir: Path, info: RunInfo, fingerprint: str, step: int, output: Path) -> None:
-    info.status, info.fingerprint, info.final_step = "finished", fingerprint, step
+    info.fingerprint, info.final_step = fingerprint, step
     info.output = str(output.relative_to(run_dir)) if output.is_relative_to(run_dir) else str(output)
-    info.write(run_dir)
+    info.set(run_dir, "finished", step)
 
 
 def _damaged_name(path: Path) -> Path:
