@@ -28,8 +28,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from eridiffusion.models.protocol import AdapterAliases, FusedLayer, ModelFamily
+from eridiffusion.networks.compat import compatibility_warnings
+from eridiffusion.networks.layouts import original_layout_tensors, swap_halves
 
 logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -154,8 +157,19 @@ def save_adapter(
     for key in state:
         component, module_path, param = _split_peft_key(key)
         params_of.setdefault((component, module_path), set()).add(param)
+    original: set[tuple[str, str]] = set()
+    if fmt == "kohya" and all(p == {"lora_A.weight", "lora_B.weight"} for p in params_of.values()):
+        # plain LoRA: Flux/SD3 layers in sd-scripts' original-layout names (what diffusers, ComfyUI and
+        # Forge all read); LyCORIS kinds keep our per-layer names, which fused layers cannot hold
+        loras = {
+            (c, m): (state[f"{c}.{m}.lora_A.weight"], state[f"{c}.{m}.lora_B.weight"]) for c, m in params_of
+        }
+        fused, original = original_layout_tensors(family, _layers(family), loras, alphas)
+        out.update(fused)
     for key, value in state.items():
         component, module_path, param = _split_peft_key(key)
+        if (component, module_path) in original:
+            continue
         kohya_base, diffusers_base = family.lora_key_names(component, module_path)
         alpha, rank = alphas[(component, module_path)]
         if fmt == "kohya":
@@ -173,6 +187,10 @@ def save_adapter(
         else:
             raise ValueError(f"unknown adapter format {fmt!r}; use kohya or diffusers")
     out = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in out.items()}
+    for note in compatibility_warnings(fmt, out):
+        if note not in _WARNED:  # once per process, not at every checkpoint
+            _WARNED.add(note)
+            logger.warning("%s: %s", path.name, note)
     meta = {**metadata, "format": "pt", "eri_format": fmt}
     tmp = path.with_name(f".tmp-{path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,11 +209,6 @@ def _alias_index(family: ModelFamily, layers: dict[tuple[str, str], nn.Module]) 
         for name, target in family.adapter_aliases().items()
         if all((target.component, p) in layers for p in target.module_paths)
     }
-
-
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
 
 
 def _drop_unused_rank(
@@ -239,7 +252,7 @@ def split_fused(
         )
     row_tensors = {n: t[n] for n in ("lora_up.weight", "dora_scale") if n in t}
     if target.swap_halves:
-        row_tensors = {n: _swap_halves(v) for n, v in row_tensors.items()}
+        row_tensors = {n: swap_halves(v) for n, v in row_tensors.items()}
     pieces = {n: torch.split(v, rows, dim=0) for n, v in row_tensors.items()}
     out: dict[tuple[str, str], ModuleAdapter] = {}
     for i, module_path in enumerate(target.module_paths):
@@ -390,7 +403,8 @@ def peft_state_from_file(
     adapter: AdapterFile, family: ModelFamily, alphas: dict[tuple[str, str], tuple[float, int]]
 ) -> dict[str, torch.Tensor]:
     """Tensors in :func:`adapter_state` naming, to continue training from a file; ``alphas`` are those of
-    the adapters injected to receive them (full LoKr factors carry peft's alpha/rank folded out)."""
+    the adapters injected to receive them (full LoKr factors carry peft's alpha/rank folded out; a LoRA's
+    ``up`` is rescaled where the file's alpha/rank differs from the adapter's)."""
     layers = _layers(family)
     state: dict[str, torch.Tensor] = {}
     for key, module_adapter in adapter.modules.items():
@@ -403,6 +417,11 @@ def peft_state_from_file(
             elif name == "lokr_w2" and full_lokr and key in alphas:
                 alpha, rank = alphas[key]
                 value = tensor / (alpha / rank)
+            elif name == "lora_up.weight" and key in alphas:
+                # the file's alpha/rank may differ from the receiving adapter's (alpha folded into up, as
+                # diffusers files and fused original-layout layers store it): keep the update itself
+                alpha, rank = alphas[key]
+                value = tensor * (module_adapter.scale() / (alpha / rank))
             state[f"{component}.{module_path}.{_KOHYA_TO_PEFT[name]}"] = value
     return state
 
