@@ -25,7 +25,7 @@ from diffusers import (
 from safetensors.torch import load_file
 
 from eridiffusion.config.schema import NetworkConfig
-from eridiffusion.models import ModelFamily, build_family, load_family
+from eridiffusion.models import ModelFamily, load_family
 from eridiffusion.models.flow_common import FlowTransformerFamily
 from eridiffusion.networks import (
     apply_adapter_files,
@@ -35,7 +35,7 @@ from eridiffusion.networks import (
     read_adapter_file,
 )
 from eridiffusion.networks.adapters import select_targets
-from tests.conftest import TINY_OPTIONS
+from tests.families.lora_common import denoise, eval_family, tiny_family
 
 PIPELINES = {
     "sd15": StableDiffusionPipeline,
@@ -45,17 +45,6 @@ PIPELINES = {
 }
 DIFFUSERS_FORMAT = {"sd3": "diffusers"}  # the format of each family that diffusers reads
 TARGETS = ("attention", "attention_mlp", "all_linear")
-
-
-def _build(arch: str) -> ModelFamily:
-    options = TINY_OPTIONS if arch == "tiny" else {"preset": "tiny"}
-    return build_family(arch, options, seed=0)
-
-
-def _eval(family: ModelFamily) -> ModelFamily:
-    for module in family.modules().values():
-        module.eval()
-    return family
 
 
 def _trained_lora(
@@ -70,19 +59,10 @@ def _trained_lora(
     return export_network(family, cfg, path, fmt, "fp32", {})
 
 
-@torch.no_grad()
-def _denoise(family: ModelFamily) -> torch.Tensor:
-    size = family.default_resolution()
-    g = torch.Generator().manual_seed(3)
-    z = torch.randn(2, *family.latent_shape(size, size), generator=g)
-    t = torch.tensor([150.0, 800.0]) if family.arch in ("flux", "sd3") else torch.tensor([150, 800])
-    return family.predict(z, t, family.encode_prompt(["a red circle", "a blue square"]))
-
-
 def _compare(ours: ModelFamily, theirs_state: dict[str, torch.Tensor], base: ModelFamily, label: str) -> None:
     theirs = base
     theirs.modules()["denoiser"].load_state_dict(theirs_state)
-    expected, got = _denoise(ours), _denoise(theirs)
+    expected, got = denoise(ours), denoise(theirs)
     diff = (expected - got).abs().max().item()
     print(f"{label}: diffusers vs eri merge max abs diff {diff:.3g}")
     assert diff <= 1e-5 * max(1.0, expected.abs().max().item()), label
@@ -109,7 +89,7 @@ def _diffusers_load(arch: str, base: Path, lora: Path) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("arch", ["tiny", "sd15", "sdxl", "flux", "sd3"])
 def test_diffusers_loads_our_lora_like_eri_merge(arch: str, target: str, tmp_path: Path) -> None:
     base = tmp_path / "base"
-    _build(arch).save_pretrained(base)
+    tiny_family(arch).save_pretrained(base)
     # diffusers' kohya-Flux converter sizes linear1 for FLUX.1 (3072 wide) and drops top-level layers:
     # single blocks are checked at real width below, the embedders/final layer are warned about at save
     only, ignore = (["transformer_blocks"], ["single_"]) if arch == "flux" else ([], [])
@@ -117,18 +97,20 @@ def test_diffusers_loads_our_lora_like_eri_merge(arch: str, target: str, tmp_pat
         type="lora", linear=4, linear_alpha=2, target=target, only_if_contains=only, ignore_if_contains=ignore
     )
     fmt = DIFFUSERS_FORMAT.get(arch, "kohya")
-    lora = _trained_lora(_eval(load_family(base)), cfg, tmp_path / "lora.safetensors", fmt)
+    lora = _trained_lora(eval_family(load_family(base)), cfg, tmp_path / "lora.safetensors", fmt)
     if arch == "flux":
         assert all(k.startswith("lora_unet_double_blocks_0_") for k in load_file(lora))
-    ours = _eval(load_family(base))
+    ours = eval_family(load_family(base))
     apply_adapter_files(ours, [(lora, 1.0)])
-    assert not torch.equal(_denoise(ours), _denoise(_eval(load_family(base)))), "the LoRA changed nothing"
-    _compare(ours, _diffusers_load(arch, base, lora), _eval(load_family(base)), f"{arch}/{target}/{fmt}")
+    assert not torch.equal(denoise(ours), denoise(eval_family(load_family(base)))), "the LoRA changed nothing"
+    _compare(
+        ours, _diffusers_load(arch, base, lora), eval_family(load_family(base)), f"{arch}/{target}/{fmt}"
+    )
 
 
 def _wide_flux() -> ModelFamily:
     """The tiny Flux family with a FLUX.1-wide transformer (24 x 128 heads) of one single block only."""
-    family = _eval(_build("flux"))
+    family = tiny_family("flux")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         family.transformer = FluxTransformer2DModel(
@@ -210,11 +192,11 @@ def _comfyui_names(family: ModelFamily) -> list[re.Pattern[str]]:
 def test_kohya_flow_file_is_in_comfyui_names_and_reads_back(arch: str, tmp_path: Path) -> None:
     """Every key of an ``all_linear`` LoRA (denoiser and CLIP encoders) is one ComfyUI's key map loads; our
     own reader maps the fused original layers back to the same model, for inference and training."""
-    trained = _eval(_build(arch))
+    trained = tiny_family(arch)
     cfg = NetworkConfig(type="lora", linear=4, linear_alpha=2, target="all_linear")
     lora = _trained_lora(trained, cfg, tmp_path / "k.safetensors", "kohya", train_te=True)
     bases = {k.split(".")[0] for k in load_file(lora)}
-    names = _comfyui_names(_build(arch))
+    names = _comfyui_names(tiny_family(arch))
     assert [b for b in bases if not any(n.fullmatch(b) for n in names)] == []
     fused = (
         "lora_unet_double_blocks_0_img_attn_qkv"
@@ -223,23 +205,23 @@ def test_kohya_flow_file_is_in_comfyui_names_and_reads_back(arch: str, tmp_path:
     )
     assert fused in bases and any(b.startswith("lora_te1_") for b in bases)
 
-    expected = _denoise(trained)
-    fresh = _eval(_build(arch))
+    expected = denoise(trained)
+    fresh = tiny_family(arch)
     adapter = read_adapter_file(lora, fresh)
     assert adapter.unmatched == []
     apply_adapter_files(fresh, [(lora, 1.0)])
-    torch.testing.assert_close(_denoise(fresh), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(denoise(fresh), expected, atol=2e-5, rtol=1e-4)
     # network.init_from: the fused layers split back to the trained ranks; final_layer's alpha/rank,
     # folded into up in the file, is unfolded for the injected adapter
-    again = _eval(_build(arch))
+    again = tiny_family(arch)
     attach_network(again, cfg.model_copy(update={"init_from": str(lora)}), train_text_encoder=True)
-    torch.testing.assert_close(_denoise(again), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(denoise(again), expected, atol=2e-5, rtol=1e-4)
 
 
 def test_flow_attention_mlp_leaves_the_output_head_out() -> None:
     """A top-level ``proj_out`` (BFL's ``final_layer.linear``) is no attention/MLP layer, and exact paths
     keep peft from matching the single blocks' ``proj_out`` by suffix when they are filtered out."""
-    flux = _build("flux")
+    flux = tiny_family("flux")
     mlp = select_targets(flux.modules()["denoiser"], NetworkConfig(target="attention_mlp"))
     assert "proj_out" not in mlp.linear and "single_transformer_blocks.0.proj_out" in mlp.linear
     cfg = NetworkConfig(target="all_linear", ignore_if_contains=["single_"])
@@ -270,8 +252,8 @@ def test_save_warns_where_the_file_will_not_load(
     monkeypatch.setattr(formats, "_WARNED", set())
     cfg = NetworkConfig(type="lora", linear=2, linear_alpha=2, target=target)
     with caplog.at_level(logging.WARNING, logger="eridiffusion.networks.formats"):
-        _trained_lora(_build(arch), cfg, tmp_path / "w.safetensors", fmt)
-        _trained_lora(_build(arch), cfg, tmp_path / "w.safetensors", fmt)
+        _trained_lora(tiny_family(arch), cfg, tmp_path / "w.safetensors", fmt)
+        _trained_lora(tiny_family(arch), cfg, tmp_path / "w.safetensors", fmt)
     warnings = [r.getMessage() for r in caplog.records]
     if expected is None:
         assert warnings == []

@@ -30,6 +30,7 @@ from torch import nn
 from eridiffusion.models.protocol import AdapterAliases, FusedLayer, ModelFamily
 from eridiffusion.networks.compat import compatibility_warnings
 from eridiffusion.networks.layouts import original_layout_tensors, swap_halves
+from eridiffusion.networks.peft_scales import adapter_weights_file, folder_scales, header_scales, scale_alpha
 
 logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -266,15 +267,18 @@ def split_fused(
 
 
 def read_adapter_file(path: Path, family: ModelFamily) -> AdapterFile:
-    """Parse a kohya/LyCORIS, diffusers or peft adapter file and map its layers onto ``family``."""
-    if not path.is_file():
+    """Parse a kohya/LyCORIS, diffusers or peft adapter file (or peft/diffusers folder) and map its layers
+    onto ``family``; peft-style layers take their alpha from the file's header or adapter_config.json."""
+    if not path.exists():
         raise FileNotFoundError(f"adapter file '{path}' does not exist")
+    path = adapter_weights_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as exc:
         raise ValueError(f"'{path}' is not a readable safetensors file ({exc})") from exc
+    scales = {**header_scales(metadata, f"'{path}'"), **folder_scales(path)}
     layers = _layers(family)
     kohya_index: dict[str, tuple[str, str]] = {}
     diffusers_index: dict[str, tuple[str, str]] = {}
@@ -282,12 +286,15 @@ def read_adapter_file(path: Path, family: ModelFamily) -> AdapterFile:
         kohya_base, diffusers_base = family.lora_key_names(component, module_path)
         kohya_index[kohya_base] = (component, module_path)
         diffusers_index[diffusers_base] = (component, module_path)
+        # diffusers' save_lora_weights under transformers >= 5 writes CLIP keys without ``text_model.``
+        diffusers_index[diffusers_base.replace(".text_model.", ".", 1)] = (component, module_path)
         diffusers_index[f"base_model.model.{module_path}"] = (component, module_path)
     aliases = _alias_index(family, layers)
 
     modules: dict[tuple[str, str], ModuleAdapter] = {}
     fused: dict[str, ModuleAdapter] = {}
     unmatched: list[str] = []
+    peft_named: dict[str, ModuleAdapter] = {}  # file layer name -> entry, for alphas kept in configs
     for key, value in tensors.items():
         base, _, tensor_name = key.partition(".")
         if base in kohya_index or base in aliases:
@@ -307,13 +314,19 @@ def read_adapter_file(path: Path, family: ModelFamily) -> AdapterFile:
             name = key[: -len(suffix) - 1]
             kohya_name = "lora_down.weight" if "lora_A" in suffix else "lora_up.weight"
             if name in diffusers_index:
-                modules.setdefault(diffusers_index[name], ModuleAdapter()).tensors[kohya_name] = value.float()
-                matched = True
+                entry = modules.setdefault(diffusers_index[name], ModuleAdapter())
             elif name in aliases:
-                fused.setdefault(name, ModuleAdapter()).tensors[kohya_name] = value.float()
-                matched = True
+                entry = fused.setdefault(name, ModuleAdapter())
+            else:
+                continue
+            entry.tensors[kohya_name] = value.float()
+            peft_named[name] = entry
+            matched = True
         if not matched:
             unmatched.append(key)
+    for name, entry in peft_named.items():
+        if "lora_down.weight" in entry.tensors:
+            entry.alpha = scale_alpha(scales, name, entry.rank)
     for name, entry in fused.items():
         target = aliases[name]
         rows = [layers[(target.component, p)].weight.shape[0] for p in target.module_paths]
