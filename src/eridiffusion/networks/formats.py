@@ -403,12 +403,16 @@ def merged_weight(adapter: ModuleAdapter, weight: torch.Tensor, multiplier: floa
 
 
 @torch.no_grad()
-def apply_adapter(family: ModelFamily, adapter: AdapterFile, multiplier: float = 1.0) -> int:
-    """Merge ``adapter`` into ``family``'s weights; returns the number of layers changed."""
+def apply_adapter(
+    family: ModelFamily, adapter: AdapterFile, multiplier: float = 1.0, te_multiplier: float | None = None
+) -> int:
+    """Merge ``adapter`` into ``family``'s weights, the text encoders' layers with ``te_multiplier`` when
+    given (A1111's separate te/unet weights); returns the number of layers changed."""
     layers = _layers(family)
     for key, module_adapter in adapter.modules.items():
         layer = layers[key]
-        layer.weight.copy_(merged_weight(module_adapter, layer.weight, multiplier).to(layer.weight.dtype))
+        m = multiplier if key[0] == "denoiser" or te_multiplier is None else te_multiplier
+        layer.weight.copy_(merged_weight(module_adapter, layer.weight, m).to(layer.weight.dtype))
     return len(adapter.modules)
 
 
