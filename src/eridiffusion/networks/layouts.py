@@ -68,7 +68,7 @@ def fuse_lora(
     if any(down.dim() != 2 for down, _, _ in parts.values()):
         raise ValueError(f"'{name}': only Linear layers join into a fused original layer")
     first_down = next(iter(parts.values()))[0]
-    up = torch.zeros(sum(rows), total, dtype=first_down.dtype)
+    up = torch.zeros(sum(rows), total, dtype=first_down.dtype, device=first_down.device)
     downs = []
     col = 0
     for i in sorted(parts):
@@ -106,9 +106,10 @@ def original_layout_tensors(
         name, _, index = targets[key]
         grouped.setdefault(name, {})[index] = (down, up, float(alphas[key][0]))
         covered.add(key)
+    fused_layers = {name: target for name, target, _ in targets.values()}
     out: dict[str, torch.Tensor] = {}
     for name, parts in grouped.items():
-        target = next(t for n, t, _ in targets.values() if n == name)
+        target = fused_layers[name]
         rows = [layers[(target.component, p)].weight.shape[0] for p in target.module_paths]
         out.update(fuse_lora(name, target, rows, parts))
     return out, covered
