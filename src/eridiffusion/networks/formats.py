@@ -255,8 +255,13 @@ def split_fused(
     if target.swap_halves:
         row_tensors = {n: swap_halves(v) for n, v in row_tensors.items()}
     pieces = {n: torch.split(v, rows, dim=0) for n, v in row_tensors.items()}
+    # a plain-LoRA part with zero rows of up (our files leave parts the network did not target, such as
+    # proj_mlp under ``attention``, at zero) changes nothing: leaving it out keeps network.init_from exact
+    used = [bool(up.any()) or "dora_scale" in pieces for up in pieces["lora_up.weight"]]
     out: dict[tuple[str, str], ModuleAdapter] = {}
     for i, module_path in enumerate(target.module_paths):
+        if any(used) and not used[i]:
+            continue
         up, down, alpha = _drop_unused_rank(pieces["lora_up.weight"][i], t["lora_down.weight"], adapter.alpha)
         # clones: safetensors refuses to save tensors that share memory
         part = {"lora_up.weight": up.clone(), "lora_down.weight": down.clone()}
