@@ -171,7 +171,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from eridiffusion.networks import parse_adapter_arg
 
     model = Path(args.model)
-    generator = Generator({model.name: model}, device=args.device, memory=memory_options(args))
+    loras = [(str(path), weight) for path, weight in map(parse_adapter_arg, args.lora)]
+    lora_dirs = [Path(d) for d in args.lora_dir] or list(dict.fromkeys(Path(p).parent for p, _ in loras))
+    for d in lora_dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"--lora-dir '{d}' is not a folder")
+    generator = Generator(
+        {model.name: model}, device=args.device, memory=memory_options(args), lora_dirs=lora_dirs
+    )
     req = GenerateRequest(
         prompts=args.prompt,
         negative_prompt=args.negative,
@@ -211,7 +218,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         unit.check()
         req.controls = [unit]
-    loras = [(str(path), weight) for path, weight in map(parse_adapter_arg, args.lora)]
     result = generator.generate(req, loras=loras)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -448,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--lora", action="append", default=[], help="adapter file[:weight]; repeat to stack")
+    p.add_argument(
+        "--lora-dir",
+        action="append",
+        default=[],
+        help="folder where <lora:NAME:...> prompt tags find NAME.safetensors (default: the --lora folders)",
+    )
     p.add_argument("--init-image", default=None, help="img2img start image (size defaults to its own)")
     p.add_argument("--strength", type=float, default=0.75, help="img2img: share of the schedule re-run")
     p.add_argument("--mask", default=None, help="inpaint mask image: white is repainted, black kept")

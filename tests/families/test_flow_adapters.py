@@ -157,7 +157,8 @@ def test_flux_kohya_bfl_file_applies_as_the_fused_update(
 def test_flux_convert_to_our_layout_applies_identically(
     flux_file: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:
-    """``eri convert`` writes ``lora_transformer_*`` / ``lora_te1_*`` names (and diffusers' layout) that
+    """``eri convert`` rewrites the file in sd-scripts' BFL names again (each fused layer's parts joined
+    block-diagonally: linear1's four rank-4 parts become one rank-16 LoRA), and in diffusers' layout; both
     give the same model as the BFL-named file."""
     path, _ = flux_file
     direct = _family("flux")
@@ -169,8 +170,8 @@ def test_flux_convert_to_our_layout_applies_identically(
     ours = tmp_path / "ours.safetensors"
     assert main(["convert", str(path), str(ours), "--model", str(model_dir), "--dtype", "fp32"]) == 0
     keys = load_file(ours)
-    assert all(k.startswith(("lora_transformer_", "lora_te1_")) for k in keys)
-    assert "lora_transformer_single_transformer_blocks_0_proj_mlp.lora_up.weight" in keys
+    assert all(k.startswith(("lora_unet_", "lora_te1_")) for k in keys)
+    assert keys["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (224, 4 * RANK)
     diffusers = convert_adapter_file(_family("flux"), path, tmp_path / "d.safetensors", "diffusers", "fp32")
     for converted in (ours, diffusers):
         family = _family("flux")

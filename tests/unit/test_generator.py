@@ -10,7 +10,7 @@ import torch
 
 from eridiffusion.config.schema import NetworkConfig
 from eridiffusion.inference.generate import GenerateRequest, sample
-from eridiffusion.inference.generator import Generator, discover_models, split_lora_tags
+from eridiffusion.inference.generator import Generator, discover_models
 from eridiffusion.models import build_family
 from eridiffusion.networks import attach_network, export_network
 from tests.conftest import TINY_OPTIONS
@@ -68,10 +68,6 @@ def test_lora_applies_without_corrupting_cached_base(models: Path) -> None:
     assert np.array_equal(before, after)
     with pytest.raises(FileNotFoundError, match="nope"):
         gen.generate(_req(), loras=[("nope", 1.0)])
-
-
-def test_split_lora_tags() -> None:
-    assert split_lora_tags("a <lora:x:0.5> cat <lora:y>") == ("a cat", [("x", 0.5), ("y", 1.0)])
 
 
 def test_cache_evicts_least_recently_used(models: Path) -> None:

@@ -327,8 +327,11 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
-def a1111_parameters(req: GenerateRequest, prompt: str, seed: int, width: int, height: int) -> str:
-    """The ``parameters`` text A1111, Forge and ComfyUI readers parse back from a PNG."""
+def a1111_parameters(
+    req: GenerateRequest, prompt: str, seed: int, width: int, height: int, lora_hashes: str = ""
+) -> str:
+    """The ``parameters`` text A1111, Forge and ComfyUI readers parse back from a PNG. ``prompt`` keeps its
+    ``<lora:...>`` tags and ``lora_hashes`` is A1111's ``name: shorthash, ...``, so the image reproduces."""
     lines = [prompt]
     if req.negative_prompt:
         lines.append(f"Negative prompt: {req.negative_prompt}")
@@ -341,6 +344,8 @@ def a1111_parameters(req: GenerateRequest, prompt: str, seed: int, width: int, h
     ]
     if req.model_name:
         fields.append(f"Model: {req.model_name}")
+    if lora_hashes:
+        fields.append(f'Lora hashes: "{lora_hashes}"')
     fields.extend(u.infotext(i) for i, u in enumerate(req.controls))
     lines.append(", ".join(fields))
     return "\n".join(lines)

@@ -15,7 +15,6 @@ builds a fresh one per call, so several threads may generate from one cached mod
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -37,16 +36,17 @@ from eridiffusion.inference.generate import (
     generate_pixels,
     to_pil,
 )
+from eridiffusion.inference.hashing import lora_shorthash
+from eridiffusion.inference.lora_tags import LoraTag, split_lora_tags
 from eridiffusion.inference.memory import MemoryOptions, apply_memory_options, offload_of
 from eridiffusion.inference.samplers import default_sampler
 from eridiffusion.models import detect_arch, load_family
 from eridiffusion.models.protocol import ModelFamily
-from eridiffusion.networks import apply_adapter_files
+from eridiffusion.networks import AdapterSpec, apply_adapter_files
+from eridiffusion.networks.peft_scales import adapter_weights_file
 
-LoraSpec = tuple[Path, float]
-"""An adapter file and its multiplier (A1111's ``<lora:name:weight>``)."""
-
-_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-+]?\d*\.?\d+))?>")
+LoraSpec = AdapterSpec
+"""An adapter file and its denoiser and text-encoder multipliers (A1111's ``<lora:name:te:unet>``)."""
 
 
 def model_bytes(family: ModelFamily) -> int:
@@ -94,12 +94,6 @@ def pil_to_mask(image: Image.Image, width: int, height: int, invert: bool = Fals
     grey = np.asarray(image.convert("L").resize((width, height), Image.NEAREST))
     mask = torch.from_numpy(grey >= 128).float()[None]
     return 1 - mask if invert else mask
-
-
-def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """Remove A1111 ``<lora:name:weight>`` tags from a prompt; returns the clean prompt and the tags."""
-    tags = [(m.group(1), float(m.group(2) or 1.0)) for m in _LORA_TAG.finditer(prompt)]
-    return " ".join(_LORA_TAG.sub(" ", prompt).split()), tags
 
 
 class ModelCache:
@@ -195,6 +189,19 @@ class GenerationResult:
     """The request as run: sampler, size and model name filled in."""
 
 
+@dataclass(frozen=True)
+class LoraPlan:
+    """What a request's LoRAs change: the merge, and how the infotext reproduces it in A1111."""
+
+    prompts: list[str]
+    """Without ``<lora:...>`` tags: what the text encoders see."""
+    infotext_prompts: list[str]
+    """As sent, plus a tag for each LoRA given outside the prompt."""
+    specs: tuple[LoraSpec, ...]
+    hashes: str
+    """A1111's ``Lora hashes`` value, ``name: shorthash, ...``; empty without LoRAs."""
+
+
 class Generator:
     """Generate from named local models; safe to call from several threads."""
 
@@ -265,6 +272,29 @@ class Generator:
             return known[name_or_path].resolve()
         raise FileNotFoundError(f"LoRA {name_or_path!r} not found (known: {sorted(known)})")
 
+    def plan_loras(self, prompts: list[str], loras: list[tuple[str, float]]) -> LoraPlan:
+        """The LoRAs of a request: ``<lora:...>`` tags of any prompt, then ``loras`` (paths or names)."""
+        clean, tags = [], []
+        for p in prompts:
+            text, found = split_lora_tags(p)
+            clean.append(text)
+            tags.extend(t for t in found if t not in tags)
+        named = [(t, self.resolve_lora(t.name)) for t in tags]
+        extra = []  # given outside the prompt: the infotext names them as the tags A1111 would need
+        for name_or_path, weight in loras:
+            path = self.resolve_lora(name_or_path)
+            entry = (LoraTag(path.stem, float(weight), float(weight)), path)
+            if entry not in named and entry not in extra:
+                extra.append(entry)
+        every = named + extra
+        hashes = dict.fromkeys(f"{t.name}: {lora_shorthash(adapter_weights_file(p))}" for t, p in every)
+        return LoraPlan(
+            prompts=clean,
+            infotext_prompts=[" ".join([p, *(t.text() for t, _ in extra)]) for p in prompts],
+            specs=tuple(sorted({AdapterSpec(p, t.unet, t.te) for t, p in every})),
+            hashes=", ".join(hashes),
+        )
+
     def generate(
         self,
         req: GenerateRequest,
@@ -278,19 +308,14 @@ class Generator:
         Tags in any prompt apply to every image of the request: one batch runs on one set of weights.
         ``preview`` receives decoded estimates while sampling (a server's live preview)."""
         name, path = self.model_path(model)
-        prompts, specs = [], list(loras or [])
-        for p in req.prompts:
-            clean, tags = split_lora_tags(p)
-            prompts.append(clean)
-            specs.extend(t for t in tags if t not in specs)
-        resolved = tuple(sorted((self.resolve_lora(n), float(w)) for n, w in specs))
-        family = self.cache.get(path, resolved)
+        plan = self.plan_loras(req.prompts, loras or [])
+        family = self.cache.get(path, plan.specs)
         controlnets = {
             u.model: self.controlnets.get(family, self.resolve_controlnet(u.model)) for u in req.controls
         }
         req = replace(
             req,
-            prompts=prompts,
+            prompts=plan.prompts,
             sampler=req.sampler or default_sampler(family.objective.prediction_type),
             model_name=req.model_name or name,
         )
@@ -305,8 +330,9 @@ class Generator:
         images = to_pil(pixels)
         expanded = req.expanded_prompts()
         seeds = req.image_seeds()
+        infotext_prompts = replace(req, prompts=plan.infotext_prompts).expanded_prompts()
         parameters = [
-            a1111_parameters(req, p, s, img.width, img.height)
-            for p, s, img in zip(expanded, seeds, images, strict=True)
+            a1111_parameters(req, p, s, img.width, img.height, plan.hashes)
+            for p, s, img in zip(infotext_prompts, seeds, images, strict=True)
         ]
         return GenerationResult(images, expanded, seeds, parameters, req)

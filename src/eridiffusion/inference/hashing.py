@@ -1,5 +1,7 @@
 """Model hashes as A1111 reports them: ``sha256`` of the checkpoint file and its first 10 hex digits, the
-"shorthash" clients show in titles (``name [0123456789]``) and infotexts.
+"shorthash" clients show in titles (``name [0123456789]``) and infotexts. LoRAs are hashed the way
+sd-scripts and A1111 do it for ``.safetensors`` (the "addnet" hash): sha256 of the tensor data after the
+JSON header, so editing the header's metadata keeps the hash; infotexts show its first 12 digits.
 
 Hashing a multi-GB checkpoint takes seconds to minutes, so hashes are computed on first request and cached
 by (path, size, modification time): an unchanged file is never read twice, a replaced one is re-hashed.
@@ -9,6 +11,7 @@ order, each preceded by its path, so it is deterministic and changes when any co
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -53,6 +56,29 @@ def hash_model(path: Path) -> ModelHash:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
     return ModelHash(digest.hexdigest())
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's LoRA hash: sha256 of a ``.safetensors`` file after its 8-byte length and JSON header."""
+    with path.open("rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header)
+        digest = hashlib.sha256()
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _lora_shorthash(path: str, size: int, mtime_ns: int) -> str:
+    return lora_hash(Path(path))[:12]
+
+
+def lora_shorthash(path: Path) -> str:
+    """The 12 digits A1111 writes as ``Lora hashes: "name: <shorthash>"``; an unchanged file (same size
+    and modification time) is hashed once per process."""
+    stat = path.stat()
+    return _lora_shorthash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 class HashCache:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ from eridiffusion.networks.formats import (
 
 __all__ = [
     "AdapterFile",
+    "AdapterSpec",
     "adapter_state",
     "apply_adapter",
     "apply_adapter_files",
@@ -95,7 +98,17 @@ def parse_adapter_arg(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-def apply_adapter_files(family: ModelFamily, specs: list[tuple[Path, float]]) -> None:
-    """Merge each adapter file into the weights with its multiplier (order does not matter)."""
-    for path, weight in specs:
-        apply_adapter(family, read_adapter_file(path, family), weight)
+class AdapterSpec(NamedTuple):
+    """An adapter file and its multipliers: ``weight`` for the denoiser and, unless ``te_weight`` says
+    otherwise, the text encoders (A1111's ``<lora:name:te:unet>`` sets them apart)."""
+
+    path: Path
+    weight: float = 1.0
+    te_weight: float | None = None
+
+
+def apply_adapter_files(family: ModelFamily, specs: Sequence[tuple[Path, float] | AdapterSpec]) -> None:
+    """Merge each adapter file into the weights with its multipliers (order does not matter)."""
+    for spec in specs:
+        s = AdapterSpec(*spec)
+        apply_adapter(family, read_adapter_file(s.path, family), s.weight, s.te_weight)

@@ -35,7 +35,9 @@ _ATTENTION = re.compile(
     r"(^|\.)(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|q_proj|k_proj|v_proj|out_proj)$"
 )
 _MLP = re.compile(r"(^|\.)(ff|ff_context)\.net\.(0\.proj|2)$|(^|\.)(proj_mlp|fc1|fc2)$|(^|\.)mlp\.(fc1|fc2)$")
-_TRANSFORMER_IO = re.compile(r"(^|\.)(proj_in|proj_out)$")
+# inside a block only: a top-level proj_out is Flux/SD3's output head (BFL's final_layer), which sd-scripts
+# does not train and diffusers' kohya-Flux loader drops
+_TRANSFORMER_IO = re.compile(r"\.(proj_in|proj_out)$")
 
 TARGET_PRESETS = ("attention", "attention_mlp", "all_linear")
 
@@ -86,7 +88,10 @@ def peft_config(cfg: NetworkConfig, targets: TargetSelection) -> PeftConfig:
     names = targets.linear + targets.conv
     rank_pattern = {k: cfg.conv for k in _exact(targets.conv)} if cfg.conv else {}
     alpha_pattern = {k: cfg.conv_alpha or cfg.conv for k in _exact(targets.conv)} if cfg.conv else {}
-    common = {"target_modules": names, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    # one regex of the exact paths: a list would also match by suffix (Flux's top-level ``proj_out`` would
+    # pull in every ``single_transformer_blocks.N.proj_out`` that only_if/ignore_if_contains left out)
+    exact = "|".join(_exact(names))
+    common = {"target_modules": f"(?:{exact})", "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
     if cfg.type in ("lora", "dora"):
         return LoraConfig(
             r=cfg.linear,

@@ -28,8 +28,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from eridiffusion.models.protocol import AdapterAliases, FusedLayer, ModelFamily
+from eridiffusion.networks.compat import compatibility_warnings
+from eridiffusion.networks.layouts import original_layout_tensors, swap_halves
+from eridiffusion.networks.peft_scales import adapter_weights_file, folder_scales, header_scales, scale_alpha
 
 logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -154,8 +158,19 @@ def save_adapter(
     for key in state:
         component, module_path, param = _split_peft_key(key)
         params_of.setdefault((component, module_path), set()).add(param)
+    original: set[tuple[str, str]] = set()
+    if fmt == "kohya" and all(p == {"lora_A.weight", "lora_B.weight"} for p in params_of.values()):
+        # plain LoRA: Flux/SD3 layers in sd-scripts' original-layout names (what diffusers, ComfyUI and
+        # Forge all read); LyCORIS kinds keep our per-layer names, which fused layers cannot hold
+        loras = {
+            (c, m): (state[f"{c}.{m}.lora_A.weight"], state[f"{c}.{m}.lora_B.weight"]) for c, m in params_of
+        }
+        fused, original = original_layout_tensors(family, _layers(family), loras, alphas)
+        out.update(fused)
     for key, value in state.items():
         component, module_path, param = _split_peft_key(key)
+        if (component, module_path) in original:
+            continue
         kohya_base, diffusers_base = family.lora_key_names(component, module_path)
         alpha, rank = alphas[(component, module_path)]
         if fmt == "kohya":
@@ -173,6 +188,10 @@ def save_adapter(
         else:
             raise ValueError(f"unknown adapter format {fmt!r}; use kohya or diffusers")
     out = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in out.items()}
+    for note in compatibility_warnings(fmt, out):
+        if note not in _WARNED:  # once per process, not at every checkpoint
+            _WARNED.add(note)
+            logger.warning("%s: %s", path.name, note)
     meta = {**metadata, "format": "pt", "eri_format": fmt}
     tmp = path.with_name(f".tmp-{path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,11 +210,6 @@ def _alias_index(family: ModelFamily, layers: dict[tuple[str, str], nn.Module]) 
         for name, target in family.adapter_aliases().items()
         if all((target.component, p) in layers for p in target.module_paths)
     }
-
-
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
 
 
 def _drop_unused_rank(
@@ -239,10 +253,15 @@ def split_fused(
         )
     row_tensors = {n: t[n] for n in ("lora_up.weight", "dora_scale") if n in t}
     if target.swap_halves:
-        row_tensors = {n: _swap_halves(v) for n, v in row_tensors.items()}
+        row_tensors = {n: swap_halves(v) for n, v in row_tensors.items()}
     pieces = {n: torch.split(v, rows, dim=0) for n, v in row_tensors.items()}
+    # a plain-LoRA part with zero rows of up (our files leave parts the network did not target, such as
+    # proj_mlp under ``attention``, at zero) changes nothing: leaving it out keeps network.init_from exact
+    used = [bool(up.any()) or "dora_scale" in pieces for up in pieces["lora_up.weight"]]
     out: dict[tuple[str, str], ModuleAdapter] = {}
     for i, module_path in enumerate(target.module_paths):
+        if any(used) and not used[i]:
+            continue
         up, down, alpha = _drop_unused_rank(pieces["lora_up.weight"][i], t["lora_down.weight"], adapter.alpha)
         # clones: safetensors refuses to save tensors that share memory
         part = {"lora_up.weight": up.clone(), "lora_down.weight": down.clone()}
@@ -253,15 +272,18 @@ def split_fused(
 
 
 def read_adapter_file(path: Path, family: ModelFamily) -> AdapterFile:
-    """Parse a kohya/LyCORIS, diffusers or peft adapter file and map its layers onto ``family``."""
-    if not path.is_file():
+    """Parse a kohya/LyCORIS, diffusers or peft adapter file (or peft/diffusers folder) and map its layers
+    onto ``family``; peft-style layers take their alpha from the file's header or adapter_config.json."""
+    if not path.exists():
         raise FileNotFoundError(f"adapter file '{path}' does not exist")
+    path = adapter_weights_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as exc:
         raise ValueError(f"'{path}' is not a readable safetensors file ({exc})") from exc
+    scales = {**header_scales(metadata, f"'{path}'"), **folder_scales(path)}
     layers = _layers(family)
     kohya_index: dict[str, tuple[str, str]] = {}
     diffusers_index: dict[str, tuple[str, str]] = {}
@@ -269,12 +291,15 @@ def read_adapter_file(path: Path, family: ModelFamily) -> AdapterFile:
         kohya_base, diffusers_base = family.lora_key_names(component, module_path)
         kohya_index[kohya_base] = (component, module_path)
         diffusers_index[diffusers_base] = (component, module_path)
+        # diffusers' save_lora_weights under transformers >= 5 writes CLIP keys without ``text_model.``
+        diffusers_index[diffusers_base.replace(".text_model.", ".", 1)] = (component, module_path)
         diffusers_index[f"base_model.model.{module_path}"] = (component, module_path)
     aliases = _alias_index(family, layers)
 
     modules: dict[tuple[str, str], ModuleAdapter] = {}
     fused: dict[str, ModuleAdapter] = {}
     unmatched: list[str] = []
+    peft_named: dict[str, ModuleAdapter] = {}  # file layer name -> entry, for alphas kept in configs
     for key, value in tensors.items():
         base, _, tensor_name = key.partition(".")
         if base in kohya_index or base in aliases:
@@ -294,13 +319,19 @@ def read_adapter_file(path: Path, family: ModelFamily) -> AdapterFile:
             name = key[: -len(suffix) - 1]
             kohya_name = "lora_down.weight" if "lora_A" in suffix else "lora_up.weight"
             if name in diffusers_index:
-                modules.setdefault(diffusers_index[name], ModuleAdapter()).tensors[kohya_name] = value.float()
-                matched = True
+                entry = modules.setdefault(diffusers_index[name], ModuleAdapter())
             elif name in aliases:
-                fused.setdefault(name, ModuleAdapter()).tensors[kohya_name] = value.float()
-                matched = True
+                entry = fused.setdefault(name, ModuleAdapter())
+            else:
+                continue
+            entry.tensors[kohya_name] = value.float()
+            peft_named[name] = entry
+            matched = True
         if not matched:
             unmatched.append(key)
+    for name, entry in peft_named.items():
+        if "lora_down.weight" in entry.tensors:
+            entry.alpha = scale_alpha(scales, name, entry.rank)
     for name, entry in fused.items():
         target = aliases[name]
         rows = [layers[(target.component, p)].weight.shape[0] for p in target.module_paths]
@@ -377,12 +408,16 @@ def merged_weight(adapter: ModuleAdapter, weight: torch.Tensor, multiplier: floa
 
 
 @torch.no_grad()
-def apply_adapter(family: ModelFamily, adapter: AdapterFile, multiplier: float = 1.0) -> int:
-    """Merge ``adapter`` into ``family``'s weights; returns the number of layers changed."""
+def apply_adapter(
+    family: ModelFamily, adapter: AdapterFile, multiplier: float = 1.0, te_multiplier: float | None = None
+) -> int:
+    """Merge ``adapter`` into ``family``'s weights, the text encoders' layers with ``te_multiplier`` when
+    given (A1111's separate te/unet weights); returns the number of layers changed."""
     layers = _layers(family)
     for key, module_adapter in adapter.modules.items():
         layer = layers[key]
-        layer.weight.copy_(merged_weight(module_adapter, layer.weight, multiplier).to(layer.weight.dtype))
+        m = multiplier if key[0] == "denoiser" or te_multiplier is None else te_multiplier
+        layer.weight.copy_(merged_weight(module_adapter, layer.weight, m).to(layer.weight.dtype))
     return len(adapter.modules)
 
 
@@ -390,7 +425,8 @@ def peft_state_from_file(
     adapter: AdapterFile, family: ModelFamily, alphas: dict[tuple[str, str], tuple[float, int]]
 ) -> dict[str, torch.Tensor]:
     """Tensors in :func:`adapter_state` naming, to continue training from a file; ``alphas`` are those of
-    the adapters injected to receive them (full LoKr factors carry peft's alpha/rank folded out)."""
+    the adapters injected to receive them (full LoKr factors carry peft's alpha/rank folded out; a LoRA's
+    ``up`` is rescaled where the file's alpha/rank differs from the adapter's)."""
     layers = _layers(family)
     state: dict[str, torch.Tensor] = {}
     for key, module_adapter in adapter.modules.items():
@@ -403,6 +439,11 @@ def peft_state_from_file(
             elif name == "lokr_w2" and full_lokr and key in alphas:
                 alpha, rank = alphas[key]
                 value = tensor / (alpha / rank)
+            elif name == "lora_up.weight" and key in alphas:
+                # the file's alpha/rank may differ from the receiving adapter's (alpha folded into up, as
+                # diffusers files and fused original-layout layers store it): keep the update itself
+                alpha, rank = alphas[key]
+                value = tensor * (module_adapter.scale() / (alpha / rank))
             state[f"{component}.{module_path}.{_KOHYA_TO_PEFT[name]}"] = value
     return state
 
