@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from eridiffusion.data.folder import DatasetError
     from eridiffusion.training.checkpoint import CheckpointError, DiskFullError
-    from eridiffusion.training.step import NonFiniteLossError
+    from eridiffusion.training.step import NonFiniteLossError, OutOfMemoryStop
     from eridiffusion.training.stop import EXIT_STOPPED, TrainingStopped
 
     try:
@@ -576,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         CheckpointError,
         DiskFullError,
+        OutOfMemoryStop,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -123,26 +123,40 @@ class Batch:
         """
         n = len(self)
         start, stop = n * rank // world, n * (rank + 1) // world
-        pad = start == stop
-        rows = slice(0, 1) if pad else slice(start, stop)
+        if start == stop:
+            padded = self._rows(0, 1, n, world)
+            return dataclasses.replace(padded, loss_weights=padded.loss_weights * 0.0)
+        return self._rows(start, stop, n, world)
+
+    def part(self, k: int, parts: int) -> Batch:
+        """Part ``k`` of ``parts`` contiguous pieces of these rows, drawn as part of the same batch: the
+        pieces' losses add up to this batch's loss (how an out-of-memory step is redone in smaller pieces)."""
+        if parts == 1:
+            return self
+        n = len(self)
+        start, stop = n * k // parts, n * (k + 1) // parts
+        whole = self.global_size or n
+        return self._rows(start, stop, whole, self.shares, offset=self.offset + start)
+
+    def _rows(self, start: int, stop: int, whole: int, shares: int, offset: int | None = None) -> Batch:
+        rows = slice(start, stop)
 
         def cut(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]
 
-        weights = self.loss_weights[rows] * (0.0 if pad else 1.0)
         return dataclasses.replace(
             self,
             pixels=cut(self.pixels),
             captions=self.captions[rows],
             dropout_rates=self.dropout_rates[rows],
-            loss_weights=weights,
+            loss_weights=self.loss_weights[rows],
             latents=cut(self.latents),
             cond=None if self.cond is None else {k: v[rows] for k, v in self.cond.items()},
             original_sizes=cut(self.original_sizes),
             crops=cut(self.crops),
-            global_size=n,
-            offset=rows.start,
-            shares=world,
+            global_size=whole,
+            offset=start if offset is None else offset,
+            shares=shares,
         )
 
     def pin_memory(self) -> Batch:

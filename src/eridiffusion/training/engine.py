@@ -63,6 +63,8 @@ class Engine:
     """single, ddp or fsdp."""
     scaler: torch.amp.GradScaler | None = None
     accelerator: Any = None
+    parts: int = 1
+    """Pieces each micro-batch is split into after an out-of-memory step (see optimizer_step)."""
 
     @property
     def is_main(self) -> bool:

@@ -251,14 +251,18 @@ def train_step(
     if stage.kind == "autoencoder":
         metrics = _autoencoder_step(family, live, state, engine, seed, where, t.max_grad_norm)
     else:
-        def micro_loss(micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            batch = engine.share(live.next_batch())
-            state.epoch = batch.epoch
-            gen = step_generator(seed, state.stage_step, micro)
-            return diffusion_loss(family, batch, cfg, gen, engine.device), {}
-
         accumulation = t.gradient_accumulation_steps
-        metrics = optimizer_step(engine, live.groups, micro_loss, accumulation, t.max_grad_norm, where)
+        batches = [engine.share(live.next_batch()) for _ in range(accumulation)]
+        state.epoch = batches[-1].epoch
+
+        def micro_loss(micro: int, part: int, parts: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            gen = step_generator(seed, state.stage_step, micro)  # every part draws the whole batch's noise
+            return diffusion_loss(family, batches[micro].part(part, parts), cfg, gen, engine.device), {}
+
+        smallest = min(len(b) for b in batches)
+        metrics = optimizer_step(
+            engine, live.groups, micro_loss, accumulation, t.max_grad_norm, where, max_parts=smallest
+        )
         state.stage_micro_batches += accumulation
         state.micro_batches += accumulation
     if len(lrs) == 1:
@@ -291,7 +295,7 @@ def _autoencoder_step(
     loss_cfg = AutoencoderLossConfig(a.kl_weight, a.disc_weight, a.disc_start, a.mse_weight)
     recon: list[torch.Tensor] = []
 
-    def gen_loss(_micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def gen_loss(_micro: int, _part: int, _parts: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         gen = step_generator(seed, state.stage_step, 0)
         loss, out, metrics = generator_loss(vae, pixels, live.discriminator, state.stage_step, loss_cfg, gen)
         recon.append(out)
@@ -300,7 +304,7 @@ def _autoencoder_step(
     metrics = optimizer_step(engine, live.group("vae"), gen_loss, 1, clip, where)
     if live.discriminator is not None and state.stage_step >= a.disc_start:
 
-        def disc_loss(_micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def disc_loss(_micro: int, _part: int, _parts: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             assert live.discriminator is not None
             return discriminator_loss(live.discriminator, pixels, recon[0])
 

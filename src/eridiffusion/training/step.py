@@ -12,6 +12,8 @@ last moment a non-finite step can still be refused.
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from eridiffusion.models import ModelFamily
 from eridiffusion.training.engine import Engine
 from eridiffusion.training.losses import min_snr_weights, per_sample_loss
 from eridiffusion.training.schedules import lr_factor
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,8 +113,47 @@ class ParamGroup:
         return lr
 
 
-MicroLoss = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""micro-batch index -> (loss to backpropagate, detached metrics to log)."""
+MicroLoss = Callable[[int, int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""(micro-batch index, part, parts) -> (loss of that part of the micro-batch, detached metrics to log)."""
+
+
+class OutOfMemoryStop(RuntimeError):
+    """The device ran out of memory even with one image per forward pass."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError naming the allocation)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        w in text for w in ("out of memory", "can't allocate memory", "not enough memory")
+    )
+
+
+def _backward_pass(
+    engine: Engine, micro_loss: MicroLoss, micro_batches: int, parts: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward over every micro-batch, each in ``parts`` pieces; the loss and metrics."""
+    total = torch.zeros((), device=engine.device)
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(micro_batches):
+        for part in range(parts):
+            with engine.autocast():
+                loss, metrics = micro_loss(micro, part, parts)
+            engine.backward(loss / micro_batches)
+            total = total + loss.detach().float() / micro_batches
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach().float().to(engine.device) / (micro_batches * parts)
+    return total, sums
+
+
+def _free_after_oom(engine: Engine, groups: list[ParamGroup]) -> None:
+    for g in groups:
+        g.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def optimizer_step(
@@ -120,23 +163,37 @@ def optimizer_step(
     micro_batches: int,
     max_grad_norm: float | None,
     where: str,
+    max_parts: int = 1,
 ) -> dict[str, float]:
     """Backward over ``micro_batches`` micro-batches, then clip and step every group; returns the metrics
     (``loss``, the micro-batches' other metrics, ``grad_norm`` per group) as floats.
 
-    Raises :class:`NonFiniteLossError` before any weight changes when the loss or a gradient norm is not
-    finite (with fp16's loss scaler an overflow is the scaler's to skip, as usual). ``where`` names the step
-    in that message.
+    Out of device memory, the same step is redone with every micro-batch in twice as many pieces (the same
+    samples and noise, so the same step), up to ``max_parts`` pieces (one image each); the piece count
+    stays for the rest of the run (``engine.parts``). Raises :class:`NonFiniteLossError` before any weight
+    changes when the loss or a gradient norm is not finite (with fp16's loss scaler an overflow is the
+    scaler's to skip, as usual). ``where`` names the step in messages.
     """
-    total = torch.zeros((), device=engine.device)
-    sums: dict[str, torch.Tensor] = {}
-    for micro in range(micro_batches):
-        with engine.autocast():
-            loss, metrics = micro_loss(micro)
-        engine.backward(loss / micro_batches)
-        total = total + loss.detach().float() / micro_batches
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0) + v.detach().float().to(engine.device) / micro_batches
+    while True:
+        parts = min(engine.parts, max_parts)
+        try:
+            total, sums = _backward_pass(engine, micro_loss, micro_batches, parts)
+            break
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc) or engine.strategy == "fsdp":
+                raise
+            oom = str(exc).splitlines()[0][:200]
+        _free_after_oom(engine, groups)  # outside the except block: its traceback holds the step's tensors
+        if parts * 2 > max_parts:
+            raise OutOfMemoryStop(
+                f"out of memory {where} even with {parts} piece(s) per micro-batch ({oom}). Lower the "
+                "resolution or batch size, turn on train.gradient_checkpointing, use a quantised base "
+                "(model.quantize) or offload; `eri validate CONFIG --memory` estimates what fits"
+            )
+        engine.parts = parts * 2
+        logger.warning(
+            "out of memory %s: redoing the step with each micro-batch in %d pieces", where, parts * 2
+        )
     names = list(sums)
     params = [p for g in groups for p in g.params.values()]
     # gradients and the scalars are averaged over processes together (one collective)
