@@ -10,6 +10,7 @@ sampler checks after every step.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -112,8 +113,9 @@ class JobQueue:
         self.keep_finished = keep_finished
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.current: Job | None = None
-        self.mean_job_seconds = 1.0
-        """Moving average of batch run time, for the 429 answer's Retry-After."""
+        self.batch_seconds: float | None = None
+        """Moving average of measured batch run times (None until one ran), for the 429's Retry-After."""
+        self._batch_start = 0.0
         self.preview_every = 0
         """Decode a live preview every this many steps; 0: off (each preview costs a VAE decode)."""
         self._pending: deque[Job] = deque()
@@ -143,6 +145,15 @@ class JobQueue:
             self._forget_old()
             self._cond.notify()
         return job
+
+    def retry_after(self) -> int:
+        """Whole seconds until the worker next takes jobs from the queue, which frees its slots: the
+        measured mean batch time less what the running batch already used; 1 before any measurement.
+        (The waiting jobs do not add up: compatible ones run together in the next batch.)"""
+        if self.batch_seconds is None:
+            return 1
+        elapsed = time.perf_counter() - self._batch_start if self.current is not None else 0.0
+        return max(1, math.ceil(self.batch_seconds - elapsed))
 
     def cancel(self, job_id: str) -> Job:
         job = self.jobs[job_id]
@@ -207,7 +218,7 @@ class JobQueue:
         for job in batch:
             job.state, job.total_steps = "running", job.request.steps
         self.current = first
-        start = time.perf_counter()
+        start = self._batch_start = time.perf_counter()
 
         def on_step(step: int, total: int) -> None:
             for job in batch:
@@ -247,7 +258,8 @@ class JobQueue:
             self._deliver(batch, result)
         finally:
             self.current = None
-            self.mean_job_seconds = 0.8 * self.mean_job_seconds + 0.2 * (time.perf_counter() - start)
+            took = time.perf_counter() - start
+            self.batch_seconds = took if self.batch_seconds is None else 0.7 * self.batch_seconds + 0.3 * took
             self.metrics.cache_bytes.set(self.generator.cache.total_bytes)
 
     def _deliver(self, batch: list[Job], result: GenerationResult) -> None:

@@ -1,27 +1,69 @@
 """Request and response bodies: the native ``/v1`` API and the AUTOMATIC1111 ``/sdapi/v1`` surface.
 
-The A1111 bodies keep A1111's field names and defaults (steps 50, CFG 7, 512x512, seed -1 = random) and
-accept the extra fields its clients send (``styles``, ``restore_faces``...), which have no effect here,
-so unmodified clients work; of ``alwayson_scripts`` only the ControlNet extension's units are honoured.
+The A1111 bodies keep A1111's field names and defaults (steps 50, CFG 7, seed -1 = random) and accept
+the extra fields its clients send, so unmodified clients work; of ``alwayson_scripts`` only the ControlNet
+extension's units are honoured.
+
+Every request body refuses NaN / Infinity numbers and lone UTF-16 surrogates anywhere in it (JSON allows
+both; neither survives a tokenizer, a PNG text chunk or a JSON answer), so they end as a 422 naming the
+field instead of a failure halfway through a generation.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEED = 2**63 - 1024
+"""Seeds above this would overflow torch's generator once image i adds i."""
 
 
-class LoraRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _bad_value(value: Any, where: str) -> str | None:
+    """Where in ``value`` (a parsed JSON document) a non-finite number or a lone surrogate sits."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where or 'body'}: {value} is not a finite number"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{where or 'body'}: text holds a lone UTF-16 surrogate (not valid Unicode)"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _bad_value(key, where) is not None:
+            return f"{where or 'body'}: a key holds a lone UTF-16 surrogate (not valid Unicode)"
+        found = _bad_value(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+class Body(BaseModel):
+    """Base of every request body: finite numbers and valid Unicode only, checked before any field."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_and_unicode(cls, data: Any) -> Any:
+        problem = _bad_value(data, "")
+        if problem is not None:
+            raise ValueError(problem)
+        return data
+
+
+class LoraRef(Body):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(description="adapter file path, or its file stem in the server's LoRA folders")
     weight: float = 1.0
 
 
-class ControlNetRef(BaseModel):
+class ControlNetRef(Body):
     """One ControlNet unit of a native request."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(description="ControlNet name (GET /controlnet/model_list) or path on the server")
     image: str = Field(description="base64 control image, already preprocessed (edges, depth, pose...)")
     scale: float = Field(1.0, description="conditioning scale (A1111's control weight)")
@@ -29,8 +71,8 @@ class ControlNetRef(BaseModel):
     guidance_end: float = Field(1.0, ge=0, le=1, description="share of the schedule after which it stops")
 
 
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GenerateBody(Body):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str | list[str]
     negative_prompt: str = ""
     steps: int = Field(25, ge=1)
@@ -38,7 +80,7 @@ class GenerateBody(BaseModel):
     sampler: str | None = Field(
         None, description="ddim, euler, dpmpp_2m, 'DPM++ 2M Karras'...; default: the model's"
     )
-    seed: int = Field(-1, description="-1: random; image i uses seed + i")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; image i uses seed + i")
     width: int | None = Field(None, ge=8, description="default: the model's resolution")
     height: int | None = Field(None, ge=8)
     n: int = Field(1, ge=1, description="images per prompt")
@@ -72,11 +114,14 @@ class JobStatus(BaseModel):
     result: GenerateResponse | None = None
 
 
-class Txt2ImgBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class Txt2ImgBody(Body):
+    """A1111's txt2img request. As in A1111 (whose request models make every field Optional), JSON
+    ``null`` means "the default" for every field. Unknown fields are accepted but never echoed back."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     prompt: str = ""
     negative_prompt: str = ""
-    seed: int = -1
+    seed: int = Field(-1, le=MAX_SEED, description="negative: random; image i uses seed + i")
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = None
@@ -84,13 +129,24 @@ class Txt2ImgBody(BaseModel):
     n_iter: int = Field(1, ge=1)
     steps: int = Field(50, ge=1)
     cfg_scale: float = 7.0
-    width: int = Field(512, ge=8)
-    height: int = Field(512, ge=8)
+    width: int | None = Field(None, ge=8, description="default: the model's training size")
+    height: int | None = Field(None, ge=8, description="default: the model's training size")
     override_settings: dict[str, Any] = {}
     alwayson_scripts: dict[str, Any] = Field(
         {}, description="extension arguments; 'controlnet' (sd-webui-controlnet's format) is honoured"
     )
     send_images: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    def known_fields(self) -> dict[str, Any]:
+        """The request's own fields without the extras a client added (A1111's ``parameters`` echo)."""
+        return self.model_dump(include=set(type(self).model_fields))
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -114,14 +170,14 @@ class ImagesResponse(BaseModel):
     info: str = Field(description="JSON string, as A1111 returns it")
 
 
-class OptionsBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class OptionsBody(Body):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     sd_model_checkpoint: str | None = None
     live_previews_enable: bool | None = Field(None, description="current_image in /progress (off by default)")
     show_progress_every_n_steps: int | None = Field(None, ge=1, description="live preview every N steps")
 
 
-class PngInfoBody(BaseModel):
+class PngInfoBody(Body):
     image: str = Field(description="base64 PNG, with or without a data: URL prefix")
 
 
