@@ -122,7 +122,10 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _is_lora(path: Path) -> bool:
-    return path.suffix == ".safetensors" and path.is_file()
+    try:
+        return path.suffix == ".safetensors" and path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, NUL bytes
+        return False
 
 
 def _is_controlnet(path: Path) -> bool:
@@ -155,10 +158,10 @@ def _find_inside(
                 continue
             try:
                 candidate = (root / (name + suffix)).resolve()
+                if candidate.is_relative_to(root) and accept(candidate):
+                    return candidate
             except (OSError, RuntimeError, ValueError):
                 continue
-            if candidate.is_relative_to(root) and accept(candidate):
-                return candidate
     return None
 
 

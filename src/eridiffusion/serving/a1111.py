@@ -32,7 +32,7 @@ from eridiffusion.serving.schemas import (
     PngInfoResponse,
     Txt2ImgBody,
 )
-from eridiffusion.serving.server import Server, not_found, seed_or_random
+from eridiffusion.serving.server import Server, check_limits, not_found, seed_or_random
 
 _RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
 
@@ -166,7 +166,8 @@ def a1111_router(server: Server) -> APIRouter:
         return ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
 
     def a1111_request(body: Txt2ImgBody) -> GenerateRequest:
-        return GenerateRequest(
+        """The request without images; its limits are checked here, before any image is decoded."""
+        req = GenerateRequest(
             prompts=[body.prompt],
             negative_prompt=body.negative_prompt,
             steps=body.steps,
@@ -177,6 +178,8 @@ def a1111_router(server: Server) -> APIRouter:
             width=body.width,
             images_per_prompt=body.batch_size * body.n_iter,
         )
+        check_limits(server.settings, req)
+        return req
 
     @r.post("/txt2img")
     async def txt2img(body: Txt2ImgBody) -> ImagesResponse:

@@ -15,7 +15,7 @@ from eridiffusion.inference.samplers import resolve_sampler
 from eridiffusion.serving.engine import Job
 from eridiffusion.serving.inputs import checked_unit, control_pixels, encode_png, with_start_image
 from eridiffusion.serving.schemas import GenerateBody, GenerateResponse, JobStatus
-from eridiffusion.serving.server import Server, seed_or_random
+from eridiffusion.serving.server import Server, ServeSettings, check_limits, seed_or_random
 
 
 def native_controls(body: GenerateBody, req: GenerateRequest, max_pixels: int) -> GenerateRequest:
@@ -39,7 +39,8 @@ def native_controls(body: GenerateBody, req: GenerateRequest, max_pixels: int) -
     return replace(req, controls=units)
 
 
-def native_job(body: GenerateBody, max_pixels: int) -> Job:
+def native_job(body: GenerateBody, settings: ServeSettings) -> Job:
+    """The job a native body asks for; limits are checked before any image is decoded or resized."""
     req = GenerateRequest(
         prompts=[body.prompt] if isinstance(body.prompt, str) else list(body.prompt),
         negative_prompt=body.negative_prompt,
@@ -51,6 +52,8 @@ def native_job(body: GenerateBody, max_pixels: int) -> Job:
         width=body.width,
         images_per_prompt=body.n,
     )
+    check_limits(settings, req)
+    max_pixels = settings.max_image_pixels
     req = with_start_image(req, body.init_image, body.mask, body.strength, max_pixels)
     req = native_controls(body, req, max_pixels)
     return Job(req, body.model, [(lo.name, lo.weight) for lo in body.loras])
@@ -85,7 +88,6 @@ def job_status(job: Job) -> JobStatus:
 
 def native_router(server: Server) -> APIRouter:
     r = APIRouter(prefix="/v1", tags=["native"])
-    max_pixels = server.settings.max_image_pixels
 
     @r.get("/models")
     def models() -> dict[str, Any]:
@@ -97,12 +99,12 @@ def native_router(server: Server) -> APIRouter:
 
     @r.post("/generate")
     async def generate(body: GenerateBody) -> GenerateResponse:
-        job = native_job(body, max_pixels)
+        job = native_job(body, server.settings)
         return native_response(job, await server.run(job, "/v1/generate"))
 
     @r.post("/jobs", status_code=202)
     async def submit(body: GenerateBody) -> JobStatus:
-        return job_status(server.submit(native_job(body, max_pixels)))
+        return job_status(server.submit(native_job(body, server.settings)))
 
     def known(job_id: str) -> Job:
         if job_id not in server.queue.jobs:

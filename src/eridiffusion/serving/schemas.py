@@ -16,6 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MAX_SIDE = 16384
+"""Schema bound on width and height, far above any server's limit (``--max-size``): it keeps absurd
+numbers away from arithmetic before the limit check names the configured size."""
+MAX_COUNT = 1000
+"""Schema bound on steps and image counts, for the same reason (``--max-steps``, ``--max-images``)."""
 MAX_SEED = 2**63 - 1024
 """Seeds above this would overflow torch's generator once image i adds i."""
 
@@ -75,15 +80,15 @@ class GenerateBody(Body):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str | list[str]
     negative_prompt: str = ""
-    steps: int = Field(25, ge=1)
+    steps: int = Field(25, ge=1, le=MAX_COUNT)
     cfg_scale: float = 4.0
     sampler: str | None = Field(
         None, description="ddim, euler, dpmpp_2m, 'DPM++ 2M Karras'...; default: the model's"
     )
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; image i uses seed + i")
-    width: int | None = Field(None, ge=8, description="default: the model's resolution")
-    height: int | None = Field(None, ge=8)
-    n: int = Field(1, ge=1, description="images per prompt")
+    width: int | None = Field(None, ge=8, le=MAX_SIDE, description="default: the model's resolution")
+    height: int | None = Field(None, ge=8, le=MAX_SIDE)
+    n: int = Field(1, ge=1, le=MAX_COUNT, description="images per prompt")
     model: str | None = Field(None, description="model name (GET /v1/models); default: the first")
     loras: list[LoraRef] = []
     init_image: str | None = Field(None, description="img2img: base64 start image; size defaults to its own")
@@ -125,12 +130,12 @@ class Txt2ImgBody(Body):
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = None
-    batch_size: int = Field(1, ge=1)
-    n_iter: int = Field(1, ge=1)
-    steps: int = Field(50, ge=1)
+    batch_size: int = Field(1, ge=1, le=MAX_COUNT)
+    n_iter: int = Field(1, ge=1, le=MAX_COUNT)
+    steps: int = Field(50, ge=1, le=MAX_COUNT)
     cfg_scale: float = 7.0
-    width: int | None = Field(None, ge=8, description="default: the model's training size")
-    height: int | None = Field(None, ge=8, description="default: the model's training size")
+    width: int | None = Field(None, ge=8, le=MAX_SIDE, description="default: the model's training size")
+    height: int | None = Field(None, ge=8, le=MAX_SIDE, description="default: the model's training size")
     override_settings: dict[str, Any] = {}
     alwayson_scripts: dict[str, Any] = Field(
         {}, description="extension arguments; 'controlnet' (sd-webui-controlnet's format) is honoured"
@@ -154,14 +159,16 @@ class Img2ImgBody(Txt2ImgBody):
     denoising_strength: float = Field(0.75, gt=0, le=1)
     mask: str | None = None
     inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: black repaints, white is kept")
-    mask_blur: int | None = Field(None, ge=0, description="sets both mask_blur_x and mask_blur_y")
-    mask_blur_x: int = Field(4, ge=0, description="Gaussian blur of the mask (pixels)")
-    mask_blur_y: int = Field(4, ge=0)
+    mask_blur: int | None = Field(None, ge=0, le=64, description="sets both mask_blur_x and mask_blur_y")
+    mask_blur_x: int = Field(4, ge=0, le=64, description="Gaussian blur of the mask (pixels, A1111's range)")
+    mask_blur_y: int = Field(4, ge=0, le=64)
     inpainting_fill: int = Field(
         0, ge=0, le=3, description="masked area starts: 0 fill, 1 original, 2 latent noise, 3 latent nothing"
     )
     inpaint_full_res: bool = Field(True, description="only masked: inpaint the mask's box at full size")
-    inpaint_full_res_padding: int = Field(0, ge=0, description="pixels added around the mask's box")
+    inpaint_full_res_padding: int = Field(
+        0, ge=0, le=MAX_SIDE, description="pixels added around the mask's box"
+    )
 
 
 class ImagesResponse(BaseModel):
