@@ -24,6 +24,7 @@ from eridiffusion.inference.generator import Generator, discover_models
 from eridiffusion.models import build_family
 from eridiffusion.serving import ServeSettings, create_app
 from tests.conftest import TINY_OPTIONS
+from tests.serving.waits import Gate, bounded, wait_until
 
 SMALL = {"width": 16, "height": 16, "steps": 2}
 
@@ -155,45 +156,28 @@ def test_a1111_options_models_and_lists(client: TestClient) -> None:
     assert client.post("/sdapi/v1/interrupt").json() == {"interrupted": None}
 
 
-class _Gate:
-    """Wraps Generator.generate so each job blocks until the test opens the gate."""
-
-    def __init__(self, gen: Generator) -> None:
-        self.open = threading.Event()
-        self.started = threading.Event()
-        self.real = gen.generate
-        gen.generate = self  # type: ignore[method-assign]
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.started.set()
-        on_step = kwargs["on_step"]
-        while not self.open.wait(0.01):
-            on_step(0, 2)
-        return self.real(*args, **kwargs)
-
-
 def test_queue_limit_429_progress_interrupt_and_jobs(model_dir: Path) -> None:
     gen = _generator(model_dir)
-    gate = _Gate(gen)
-    with TestClient(create_app(gen, ServeSettings(max_queue=1))) as c:
+    with TestClient(create_app(gen, ServeSettings(max_queue=1))) as c, Gate(gen) as gate:
         running = c.post("/v1/jobs", json={"prompt": "a", **SMALL}).json()
-        assert gate.started.wait(10)
+        assert gate.started.wait(10), "the first job never started"
         queued = c.post("/v1/jobs", json={"prompt": "b", **SMALL, "seed": 4})
         assert queued.status_code == 202
-        full = c.post("/v1/generate", json={"prompt": "c", **SMALL})
+        # beyond the limit: answered at once; a queue that took it would block here behind the gate
+        full = bounded(
+            lambda: c.post("/v1/generate", json={"prompt": "c", **SMALL}), 5, "request over the limit"
+        )
         assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
-        assert c.post("/sdapi/v1/txt2img", json=SMALL).status_code == 429
+        over = bounded(lambda: c.post("/sdapi/v1/txt2img", json=SMALL), 5, "A1111 request over the limit")
+        assert over.status_code == 429
         progress = c.get("/sdapi/v1/progress").json()
         assert progress["state"]["job"] == running["id"] and progress["state"]["job_count"] == 2
         assert c.post("/sdapi/v1/interrupt").json() == {"interrupted": running["id"]}
         gate.open.set()
-        deadline = time.monotonic() + 30
-        while (
-            c.get(f"/v1/jobs/{queued.json()['id']}").json()["state"] != "done" and time.monotonic() < deadline
-        ):
-            time.sleep(0.05)
+        queued_id = queued.json()["id"]
+        wait_until(lambda: c.get(f"/v1/jobs/{queued_id}").json()["state"] == "done", 30, "queued job done")
         assert c.get(f"/v1/jobs/{running['id']}").json()["state"] == "cancelled"
-        done = c.get(f"/v1/jobs/{queued.json()['id']}").json()
+        done = c.get(f"/v1/jobs/{queued_id}").json()
         assert done["progress"] == 1.0 and done["result"]["seeds"] == [4]
         assert c.delete("/v1/jobs/nope").status_code == 404
         assert 'eri_errors_total{kind="queue_full"} 2.0' in c.get("/metrics").text
@@ -206,9 +190,7 @@ def test_concurrent_requests_over_loopback_are_neither_lost_nor_mixed(model_dir:
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: server.started, 20, "uvicorn start")
     port = server.servers[0].sockets[0].getsockname()[1]
     prompts = ["a red circle", "a blue square", "a green triangle"]
     try:
@@ -271,22 +253,19 @@ def test_img2img_and_inpaint_native_and_a1111(client: TestClient) -> None:
 
 def test_compatible_waiting_jobs_share_one_batch(model_dir: Path) -> None:
     gen = _generator(model_dir)
-    gate = _Gate(gen)
-    with TestClient(create_app(gen, ServeSettings(max_queue=8))) as c:
+    with TestClient(create_app(gen, ServeSettings(max_queue=8))) as c, Gate(gen) as gate:
         first = c.post("/v1/jobs", json={"prompt": "a", **SMALL}).json()
-        assert gate.started.wait(10)
+        assert gate.started.wait(10), "the first job never started"
         same = [
             c.post("/v1/jobs", json={"prompt": p, **SMALL, "seed": 20 + k}).json()
             for k, p in enumerate("xyz")
         ]
         other = c.post("/v1/jobs", json={"prompt": "x", **SMALL, "steps": 3}).json()
         gate.open.set()
-        deadline = time.monotonic() + 30
         ids = [first["id"], *(j["id"] for j in same), other["id"]]
-        while (
-            any(c.get(f"/v1/jobs/{i}").json()["state"] != "done" for i in ids) and time.monotonic() < deadline
-        ):
-            time.sleep(0.05)
+        wait_until(
+            lambda: all(c.get(f"/v1/jobs/{i}").json()["state"] == "done" for i in ids), 30, "all jobs done"
+        )
         metrics = c.get("/metrics").text
         assert "eri_batch_size_count 3.0" in metrics and "eri_batch_size_sum 5.0" in metrics
         for k, job in enumerate(same):
