@@ -24,7 +24,7 @@ from eridiffusion.inference.controlnet import Control, ControlUnit
 from eridiffusion.inference.inpaint import InpaintOptions, fill_latents
 from eridiffusion.inference.inpaint import prepare as prepare_inpaint
 from eridiffusion.inference.memory import MemoryOptions, decode
-from eridiffusion.inference.samplers import check_sampler, make_scheduler, resolve_sampler
+from eridiffusion.inference.samplers import check_sampler, make_scheduler, precise_sigmas, resolve_sampler
 from eridiffusion.models.protocol import Conditioning, GuidanceEmbedding, ModelFamily
 
 
@@ -70,16 +70,24 @@ def _cat(a: Conditioning, b: Conditioning) -> Conditioning:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def _check_timesteps(timesteps: torch.Tensor, req: GenerateRequest) -> None:
-    """Karras sigmas on a schedule with a huge sigma_max (e.g. cosine) collapse onto repeated timesteps,
-    which diffusers then steps past the end of; say so instead of crashing or sampling garbage."""
-    if resolve_sampler(req.sampler).key != "heun":
-        ts = timesteps.tolist()
-        if len(set(ts)) != len(ts):
-            raise ValueError(
-                f"sampler {req.sampler!r} gives repeated timesteps with this model's noise schedule at "
-                f"{req.steps} steps; pick another sampler (e.g. ddim, euler, dpmpp_2m)"
-            )
+def _check_timesteps(scheduler: Any, req: GenerateRequest) -> None:
+    """Karras sigmas (Karras et al. 2022) run from the schedule's largest sigma down with rho=7, which
+    crowds steps near sigma_max. On a schedule whose last training step has a huge sigma (cosine: ~2e4)
+    most steps then map to the same discrete timestep, which diffusers steps past the end of. Refuse with
+    the reason before any work, instead of crashing or sampling garbage. (Heun repeats timesteps by
+    design: two evaluations per step.)"""
+    if resolve_sampler(req.sampler).key == "heun":
+        return
+    ts = scheduler.timesteps.tolist()
+    if len(set(ts)) != len(ts):
+        sigmas = getattr(scheduler, "sigmas", None)
+        top = f" (sigma_max {float(sigmas.max()):.3g})" if sigmas is not None else ""
+        raise ValueError(
+            f"sampler {req.sampler!r} puts {len(ts) - len(set(ts)) + 1} of its {req.steps} steps on one "
+            f"timestep with this model's noise schedule{top}: Karras spacing crowds the steps near "
+            "sigma_max, which this schedule's last training step makes huge; use the same sampler without "
+            "Karras (e.g. dpmpp_2m) or ddim / euler"
+        )
 
 
 def _noised(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -119,9 +127,19 @@ def _start_from_image(
     return timesteps, _noised(scheduler, x0, noise, timesteps[:1]), x0
 
 
-def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
-    """One CPU generator per image (seed, seed+1, ...) so image *i* reproduces alone, as in A1111."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+def image_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image (seed, seed+1, ...): it draws the image's initial noise and then, for
+    ancestral/SDE samplers, the fresh noise of every step, so image *i* of a batch is the image generated
+    alone with its seed (as A1111 seeds each image's sampler noise)."""
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def initial_noise(
+    shape: tuple[int, ...], seeds: list[int], generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
+    """Each image's starting noise from its own generator (made from ``seeds`` unless given)."""
+    generators = generators if generators is not None else image_generators(seeds)
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
 @dataclass(frozen=True)
@@ -174,9 +192,11 @@ def sample(
     scheduler = make_scheduler(req.sampler, family.objective.scheduler_config())
     extra = family.objective.set_timesteps_kwargs(req.steps, latent_shape)
     scheduler.set_timesteps(req.steps, device=device, **extra)
-    _check_timesteps(scheduler.timesteps, req)
+    _check_timesteps(scheduler, req)
+    precise_sigmas(scheduler)
     seeds = req.image_seeds()
-    noise = initial_noise(latent_shape, seeds).to(device)
+    generators = image_generators(seeds)
+    noise = initial_noise(latent_shape, seeds, generators).to(device)
     schedule, x0, keep = scheduler.timesteps, None, None
     if req.init_image is None:
         if req.mask is not None:
@@ -195,11 +215,10 @@ def sample(
             if req.inpaint is not None and req.inpaint.fill in ("latent_noise", "latent_nothing"):
                 x0 = fill_latents(x0, noise, keep, req.inpaint)
                 latents = _noised(scheduler, x0, noise, schedule[:1])
-    # ancestral/SDE samplers draw fresh noise each step: seed it too; deterministic ones take no generator
+    # ancestral/SDE samplers draw fresh noise each step, image i from its own generator (diffusers draws
+    # one slice per generator of a list); deterministic ones take no generator
     step_kwargs = (
-        {"generator": torch.Generator().manual_seed(req.seed)}
-        if "generator" in inspect.signature(scheduler.step).parameters
-        else {}
+        {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     )
     cond = family.encode_prompt(prompts)
     embedded = (

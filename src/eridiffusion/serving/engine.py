@@ -64,17 +64,17 @@ class Job:
 
 
 def batch_key(job: Job) -> tuple[object, ...] | None:
-    """Jobs with equal keys can share one forward batch and still give each image exactly what it would
-    get alone: same model, LoRAs, size, steps, CFG, negative prompt, ControlNet units (nets, images,
-    weights, windows) and a sampler that draws no noise during sampling (ancestral samplers seed one
-    generator per batch). None: run this job alone."""
+    """Jobs with equal keys can share one forward batch and still give each image what it would get
+    alone (up to float rounding): same model, LoRAs, size, steps, CFG, negative prompt, sampler and
+    ControlNet units (nets, images, weights, windows). Ancestral samplers batch too: each image draws its
+    step noise from its own seeded generator. None: run this job alone."""
     r = job.request
     try:
-        # no sampler named: the model's default (ddim or flow_euler), both deterministic
-        stochastic = bool(r.sampler) and resolve_sampler(r.sampler).stochastic
+        if r.sampler:
+            resolve_sampler(r.sampler)
     except ValueError:
         return None  # an unknown sampler: the job fails alone, with the sampler's message
-    if r.init_image is not None or stochastic or any("<lora:" in p for p in r.prompts):
+    if r.init_image is not None or any("<lora:" in p for p in r.prompts):
         return None
     loras = tuple(job.loras)
     controls = tuple(u.key() for u in r.controls)  # one ControlNet input per batch: same nets and images
