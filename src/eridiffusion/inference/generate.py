@@ -83,8 +83,8 @@ def _check_timesteps(scheduler: Any, req: GenerateRequest) -> None:
         sigmas = getattr(scheduler, "sigmas", None)
         top = f" (sigma_max {float(sigmas.max()):.3g})" if sigmas is not None else ""
         raise ValueError(
-            f"sampler {req.sampler!r} puts {len(ts) - len(set(ts)) + 1} of its {req.steps} steps on one "
-            f"timestep with this model's noise schedule{top}: Karras spacing crowds the steps near "
+            f"sampler {req.sampler!r} gives repeated timesteps with this model's noise schedule{top} at "
+            f"{req.steps} steps: Karras spacing crowds the steps near "
             "sigma_max, which this schedule's last training step makes huge; use the same sampler without "
             "Karras (e.g. dpmpp_2m) or ddim / euler"
         )
