@@ -183,8 +183,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         public_docs=args.public_docs,
     )
     budget = int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None
+    roots = [Path(m) for m in args.model]
     generator = Generator(
-        discover_models([Path(m) for m in args.model]),
+        discover_models(roots),
+        model_roots=roots,
         device=args.device,
         memory_budget_bytes=budget,
         max_models=args.max_models,

@@ -161,6 +161,12 @@ StepCallback = Callable[[int, int], None]
 is how a server reports progress and interrupts a running job without threads killing each other."""
 
 
+class StopEarly(Exception):
+    """Raised by a :data:`StepCallback` to end sampling now and return the images as they are: the
+    latest x0 estimate, decoded (A1111's ``/interrupt``, which answers with the partial images). Any
+    other exception from the callback abandons the images."""
+
+
 @torch.no_grad()
 def sample(
     family: ModelFamily,
@@ -245,13 +251,19 @@ def sample(
             out = out_uncond + req.guidance_scale * (out_cond - out_uncond)
         stepped = scheduler.step(out, t, latents, **step_kwargs)
         latents = stepped.prev_sample
+        estimate = getattr(stepped, "pred_original_sample", None)
         if keep is not None and x0 is not None:
             known = x0 if i + 1 == total else _noised(scheduler, x0, noise, schedule[i + 1])
             latents = keep * known + (1 - keep) * latents
         if preview is not None and (i + 1) % preview.every == 0 and i + 1 < total:
-            _preview(family, preview, i + 1, getattr(stepped, "pred_original_sample", None), latents, memory)
+            _preview(family, preview, i + 1, estimate, latents, memory)
         if on_step is not None:
-            on_step(i + 1, total)
+            try:
+                on_step(i + 1, total)
+            except StopEarly:
+                if i + 1 < total and estimate is not None:
+                    latents = estimate if keep is None or x0 is None else keep * x0 + (1 - keep) * estimate
+                break
     if not torch.isfinite(latents).all():
         raise ValueError(
             f"sampler {req.sampler!r} produced NaN/inf with this model; try ddim, euler or dpmpp_2m"

@@ -272,6 +272,7 @@ class Generator:
         max_controlnets: int = 2,
         memory: MemoryOptions | None = None,
         allow_paths: bool = False,
+        model_roots: list[Path] | None = None,
     ) -> None:
         if not models:
             raise ValueError("Generator needs at least one model")
@@ -281,11 +282,23 @@ class Generator:
         self.controlnet_dirs = list(controlnet_dirs or [])
         self.allow_paths = allow_paths
         """Also accept LoRA / ControlNet file paths (the CLI's user owns the disk); never for a server."""
+        self.model_roots = list(model_roots or [])
+        """Where ``models`` were discovered (:func:`discover_models`), for :meth:`refresh_models`."""
         self.memory = memory or MemoryOptions()
         self.cache = ModelCache(resolve_device(device), memory_budget_bytes, max_models, memory=self.memory)
         self._offload_lock = threading.Lock()
         """CPU offload moves shared modules between devices: offloaded generations run one at a time."""
         self.controlnets = ControlNetCache(self.cache.device, max_controlnets)
+
+    def refresh_models(self) -> dict[str, Path]:
+        """Discover the models in ``model_roots`` again (new checkpoints appear, removed ones go; the
+        default stays unless it went). Without roots the models given at construction stay as they are."""
+        if self.model_roots:
+            found = discover_models(self.model_roots)
+            self.models = found
+            if self.default_model not in found:
+                self.default_model = next(iter(found))
+        return self.models
 
     def model_path(self, name: str | None) -> tuple[str, Path]:
         name = name or self.default_model

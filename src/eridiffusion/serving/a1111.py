@@ -4,7 +4,6 @@ A1111 clients (webuiapi, Krita and ComfyUI bridges, scripts) drive this server."
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import replace
 from typing import Any
@@ -16,6 +15,7 @@ from eridiffusion.inference.generate import GenerateRequest
 from eridiffusion.inference.generator import UnknownName
 from eridiffusion.inference.inpaint import A1111_FILLS, InpaintOptions
 from eridiffusion.inference.samplers import SAMPLERS, resolve_sampler
+from eridiffusion.serving.a1111_compat import info_extras, parse_parameters, refuse_unsupported
 from eridiffusion.serving.engine import Job
 from eridiffusion.serving.inputs import (
     checked_unit,
@@ -89,26 +89,6 @@ def a1111_controls(
     return replace(req, controls=units)
 
 
-_PARAMETER = re.compile(r'\s*([^,:]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-
-
-def parse_parameters(text: str) -> dict[str, Any]:
-    """A1111 ``parameters`` text back into fields: prompt, negative prompt and the ``Key: value`` line."""
-    lines = text.strip().split("\n")
-    fields: dict[str, Any] = {}
-    if lines and lines[-1].startswith("Steps: "):
-        # quoted values (the ControlNet extension's ``ControlNet 0: "Model: x, Weight: 1"``) hold commas
-        for key, value in _PARAMETER.findall(lines.pop()):
-            fields[key] = value[1:-1] if value.startswith('"') else value
-    prompt, negative = [], []
-    for line in lines:
-        if line.startswith("Negative prompt: ") or negative:
-            negative.append(line.removeprefix("Negative prompt: "))
-        else:
-            prompt.append(line)
-    return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **fields}
-
-
 def a1111_sampler(body: Txt2ImgBody) -> str:
     """A1111 names the sampler and (since 1.9) the schedule apart: ``DPM++ 2M`` + ``Karras``."""
     name = body.sampler_name or body.sampler_index
@@ -133,11 +113,17 @@ def a1111_router(server: Server) -> APIRouter:
     gen = server.generator
     max_pixels = server.settings.max_image_pixels
 
+    def title(name: str) -> str:
+        """A1111's checkpoint title, ``name [shorthash]`` (hashed once per file version, then cached)."""
+        return f"{name} [{server.hashes.get(gen.models[name]).shorthash}]"
+
     async def run_a1111(body: Txt2ImgBody, req: GenerateRequest, endpoint: str) -> ImagesResponse:
+        """Run and answer in A1111's shape; an ``/interrupt`` mid-run answers 200 with partial images."""
         model = model_name(server, body.override_settings.get("sd_model_checkpoint", server.checkpoint))
         result = await server.run(Job(req, model, []), endpoint)
         run = result.request
         info = {
+            **info_extras(server.hashes.get(gen.models[model]).shorthash),
             "prompt": result.prompts[0],
             "all_prompts": result.prompts,
             "negative_prompt": run.negative_prompt,
@@ -183,6 +169,7 @@ def a1111_router(server: Server) -> APIRouter:
 
     @r.post("/txt2img")
     async def txt2img(body: Txt2ImgBody) -> ImagesResponse:
+        refuse_unsupported(body)
         req = a1111_controls(body.alwayson_scripts, a1111_request(body), None, max_pixels)
         return await run_a1111(body, req, "/sdapi/v1/txt2img")
 
@@ -190,6 +177,7 @@ def a1111_router(server: Server) -> APIRouter:
     async def img2img(body: Img2ImgBody) -> ImagesResponse:
         """img2img, and inpainting when ``mask`` is given (white repaints; ``inpainting_mask_invert``: 1
         flips it) with A1111's mask blur, masked-area fill and "only masked" (full-res) options."""
+        refuse_unsupported(body)
         req = with_start_image(
             a1111_request(body),
             body.init_images[0],
@@ -216,7 +204,7 @@ def a1111_router(server: Server) -> APIRouter:
 
     def options() -> dict[str, Any]:
         return {
-            "sd_model_checkpoint": server.checkpoint,
+            "sd_model_checkpoint": title(server.checkpoint),
             "live_previews_enable": server.live_previews,
             "show_progress_every_n_steps": server.preview_every,
         }
@@ -241,7 +229,7 @@ def a1111_router(server: Server) -> APIRouter:
             digest = server.hashes.get(path)
             listed.append(
                 {
-                    "title": f"{name} [{digest.shorthash}]",
+                    "title": title(name),
                     "model_name": name,
                     "hash": digest.shorthash,
                     "sha256": digest.sha256,
@@ -287,7 +275,7 @@ def a1111_router(server: Server) -> APIRouter:
         current = None if preview is None or skip_current_image else encode_png(preview, "")
         state = {
             "skipped": False,
-            "interrupted": bool(job and job.cancel_event.is_set()),
+            "interrupted": bool(job and (job.cancel_event.is_set() or job.interrupt_event.is_set())),
             "job": job.id if job else "",
             "job_count": server.queue.waiting + (1 if job else 0),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)) if job else "0",

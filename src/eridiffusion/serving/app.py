@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from eridiffusion.inference.generator import Generator
 from eridiffusion.serving.a1111 import a1111_router, controlnet_router
+from eridiffusion.serving.a1111_compat import compat_router
 from eridiffusion.serving.native import native_router
 from eridiffusion.serving.security import (
     BodyLimit,
@@ -61,6 +62,7 @@ def create_app(generator: Generator, settings: ServeSettings | None = None) -> F
         add_private_docs(app, auth)
     app.include_router(native_router(server), dependencies=auth)
     app.include_router(a1111_router(server), dependencies=auth)
+    app.include_router(compat_router(server), dependencies=auth)
     app.include_router(controlnet_router(server), dependencies=auth)
 
     @app.get("/health", tags=["ops"])

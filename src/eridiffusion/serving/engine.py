@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from eridiffusion.inference.generate import GenerateRequest, Preview, make_grid, to_pil
+from eridiffusion.inference.generate import GenerateRequest, Preview, StopEarly, make_grid, to_pil
 from eridiffusion.inference.generator import GenerationResult, Generator
 from eridiffusion.inference.samplers import resolve_sampler
 from eridiffusion.serving.metrics import Metrics
@@ -52,6 +52,8 @@ class Job:
     created: float = field(default_factory=time.time)
     error: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    interrupt_event: threading.Event = field(default_factory=threading.Event)
+    """A1111's ``/interrupt``: stop sampling and deliver the images as they are (cancel delivers none)."""
     future: Future[GenerationResult] = field(default_factory=Future)
     preview: Image.Image | None = None
     """The latest live preview (a grid of the batch's current estimates), when previews are on."""
@@ -113,6 +115,8 @@ class JobQueue:
         self.keep_finished = keep_finished
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.current: Job | None = None
+        self.running: list[Job] = []
+        """The jobs of the batch being generated (``current`` is the first)."""
         self.batch_seconds: float | None = None
         """Moving average of measured batch run times (None until one ran), for the 429's Retry-After."""
         self._batch_start = 0.0
@@ -161,11 +165,11 @@ class JobQueue:
         return job
 
     def interrupt(self) -> Job | None:
-        """Cancel the running job (A1111's ``/interrupt``); queued jobs still run."""
-        job = self.current
-        if job is not None:
-            job.cancel_event.set()
-        return job
+        """Stop the running batch after its current step (A1111's ``/interrupt`` and ``/skip``): its jobs
+        finish with the partial images; queued jobs still run. Returns the batch's first job."""
+        for job in self.running:
+            job.interrupt_event.set()
+        return self.current
 
     def begin_shutdown(self) -> None:
         """Refuse new jobs from now on; the worker still finishes the running and queued ones."""
@@ -217,7 +221,7 @@ class JobQueue:
         first = batch[0]
         for job in batch:
             job.state, job.total_steps = "running", job.request.steps
-        self.current = first
+        self.current, self.running = first, batch
         start = self._batch_start = time.perf_counter()
 
         def on_step(step: int, total: int) -> None:
@@ -225,6 +229,8 @@ class JobQueue:
                 job.step, job.total_steps = step, total
             if all(j.cancel_event.is_set() for j in batch):
                 raise JobCancelled(f"job {first.id} cancelled")
+            if all(j.cancel_event.is_set() or j.interrupt_event.is_set() for j in batch):
+                raise StopEarly
 
         def on_preview(step: int, pixels: torch.Tensor) -> None:
             images = to_pil(pixels)
@@ -246,10 +252,11 @@ class JobQueue:
             result = self.generator.generate(
                 request, first.model, first.loras, on_step=on_step, preview=preview
             )
-        except JobCancelled as exc:
+        except (JobCancelled, StopEarly) as exc:  # StopEarly here: stopped before sampling began
+            cancelled = exc if isinstance(exc, JobCancelled) else JobCancelled(f"job {first.id} interrupted")
             for job in batch:
                 job.state = "cancelled"
-                job.future.set_exception(exc)
+                job.future.set_exception(cancelled)
         except Exception as exc:
             for job in batch:
                 job.state, job.error = "failed", str(exc)
@@ -257,7 +264,7 @@ class JobQueue:
         else:
             self._deliver(batch, result)
         finally:
-            self.current = None
+            self.current, self.running = None, []
             took = time.perf_counter() - start
             self.batch_seconds = took if self.batch_seconds is None else 0.7 * self.batch_seconds + 0.3 * took
             self.metrics.cache_bytes.set(self.generator.cache.total_bytes)
