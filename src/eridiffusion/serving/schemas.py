@@ -61,7 +61,9 @@ class Body(BaseModel):
 
 class LoraRef(Body):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    name: str = Field(description="adapter file path, or its file stem in the server's LoRA folders")
+    name: str = Field(
+        description="LoRA name: a file stem in the server's LoRA folders, or a path relative to one"
+    )
     weight: float = 1.0
 
 
@@ -69,7 +71,7 @@ class ControlNetRef(Body):
     """One ControlNet unit of a native request."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    model: str = Field(description="ControlNet name (GET /controlnet/model_list) or path on the server")
+    model: str = Field(description="ControlNet name (GET /controlnet/model_list), inside the server's folders")
     image: str = Field(description="base64 control image, already preprocessed (edges, depth, pose...)")
     scale: float = Field(1.0, description="conditioning scale (A1111's control weight)")
     guidance_start: float = Field(0.0, ge=0, le=1, description="share of the schedule before it applies")
