@@ -71,7 +71,7 @@ class ControlNetRef(Body):
     """One ControlNet unit of a native request."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    model: str = Field(description="ControlNet name (GET /controlnet/model_list), inside the server's folders")
+    model: str = Field(description="ControlNet name (GET /controlnet/model_list) in the server's folders")
     image: str = Field(description="base64 control image, already preprocessed (edges, depth, pose...)")
     scale: float = Field(1.0, description="conditioning scale (A1111's control weight)")
     guidance_start: float = Field(0.0, ge=0, le=1, description="share of the schedule before it applies")
