@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this key on every route but /health (default: $ERI_API_KEY, else none; empty: refused)",
     )
     p.add_argument("--public-docs", action="store_true", help="serve /docs and /openapi.json without the key")
-    p.add_argument("--max-body-mb", type=float, default=64, help="larger request bodies answer 413")
+    p.add_argument("--max-body-mb", type=float, default=32, help="larger request bodies answer 413")
     p.add_argument(
         "--max-image-mp",
         type=float,

@@ -12,6 +12,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -216,3 +217,18 @@ def test_unknown_a1111_fields_are_not_echoed(client: TestClient) -> None:
 def test_validation_errors_do_not_echo_the_input(client: TestClient) -> None:
     res = client.post("/v1/generate", json={"prompt": "a", "steps": "x" * 10000})
     assert res.status_code == 422 and "xxxx" not in res.text
+
+
+def test_serve_flags_reach_the_app(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setenv("ERI_API_KEY", "from-env")
+    args = ["serve", "--model", str(root / "models"), "--lora-dir", str(root / "loras"), "--public-docs"]
+    assert main([*args, "--max-body-mb", "1.5", "--max-image-mp", "2"]) == 0
+    server = served["app"].state.server
+    settings = server.settings
+    assert (settings.api_key, settings.public_docs) == ("from-env", True)
+    assert (settings.max_body_bytes, settings.max_image_pixels) == (int(1.5 * 2**20), 2_000_000)
+    assert server.generator.model_roots == [root / "models"] and not server.generator.allow_paths

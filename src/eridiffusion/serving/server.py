@@ -42,8 +42,9 @@ class ServeSettings:
     max_prompt_chars: int = 2000
     max_queue: int = 8
     api_key: str | None = None
-    max_body_bytes: int = 64 * 2**20
-    """Larger request bodies answer 413 before they are read in full (a 2048 px PNG in base64 is ~16 MB)."""
+    max_body_bytes: int = 32 * 2**20
+    """Larger request bodies answer 413 before they are read in full (a noisy 2048 px PNG in base64 is
+    ~16 MB; raise it for several such images per request)."""
     max_image_pixels: int = 4096 * 4096
     """Pixels of any image a request sends, checked from its header before it is decoded."""
     public_docs: bool = False
