@@ -65,6 +65,18 @@ def _batches(client: TestClient) -> float:
         ("/sdapi/v1/txt2img", {"cfg_scale": float("nan"), "sampler_name": "DDIM", **SMALL}, "finite number"),
         ("/sdapi/v1/img2img", {"init_images": [IMAGE], "denoising_strength": float("nan")}, "finite number"),
         ("/sdapi/v1/options", {"show_progress_every_n_steps": float("-inf")}, "finite number"),
+        ("/v1/generate", {"prompt": "x", "cfg_scale": 1e308, **SMALL}, "less than or equal to 100"),
+        ("/sdapi/v1/txt2img", {"cfg_scale": -1e308, **SMALL}, "greater than or equal to -100"),
+        (
+            "/sdapi/v1/txt2img",
+            {
+                **SMALL,
+                "alwayson_scripts": {
+                    "controlnet": {"args": [{"model": "m", "image": IMAGE, "weight": 1e308}]}
+                },
+            },
+            "weight 1e+308 is outside",
+        ),
         ("/v1/generate", {"prompt": "a \ud800", **SMALL}, "lone UTF-16 surrogate"),
         ("/sdapi/v1/txt2img", {"negative_prompt": "\udfff b", **SMALL}, "lone UTF-16 surrogate"),
         ("/v1/generate", {"prompt": "x", **SMALL, "init_image": "data:image/png;base64"}, "without the ','"),

@@ -265,8 +265,10 @@ def sample(
                     latents = estimate if keep is None or x0 is None else keep * x0 + (1 - keep) * estimate
                 break
     if not torch.isfinite(latents).all():
+        others = [k for k in ("ddim", "euler", "dpmpp_2m") if k != resolve_sampler(req.sampler).key]
         raise ValueError(
-            f"sampler {req.sampler!r} produced NaN/inf with this model; try ddim, euler or dpmpp_2m"
+            f"sampler {req.sampler!r} produced NaN/inf with this model (CFG scale {req.guidance_scale:g}); "
+            f"try {' or '.join(others)}, or a lower CFG scale"
         )
     return decode(family, latents, memory).clamp(-1, 1).float().cpu()
 

@@ -25,6 +25,7 @@ from eridiffusion.serving.inputs import (
     with_start_image,
 )
 from eridiffusion.serving.schemas import (
+    MAX_CONTROL_WEIGHT,
     ImagesResponse,
     Img2ImgBody,
     OptionsBody,
@@ -82,6 +83,8 @@ def a1111_controls(
             )
         except (TypeError, ValueError, OverflowError) as exc:
             raise HTTPException(422, detail=f"{what}: {exc}") from None
+        if abs(weight) > MAX_CONTROL_WEIGHT:
+            raise HTTPException(422, detail=f"{what}: weight {weight} is outside +-{MAX_CONTROL_WEIGHT:g}")
         pixels = control_pixels(
             image, f"{what} image", req.width, req.height, max_pixels, crop=resize == "Crop and Resize"
         )

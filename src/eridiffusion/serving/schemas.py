@@ -21,6 +21,11 @@ MAX_SIDE = 16384
 numbers away from arithmetic before the limit check names the configured size."""
 MAX_COUNT = 1000
 """Schema bound on steps and image counts, for the same reason (``--max-steps``, ``--max-images``)."""
+MAX_CFG = 100.0
+"""Schema bound on CFG scales (A1111's UI stops at 30): far beyond it the guided prediction overflows to
+inf, which would only show after the whole generation ran."""
+MAX_CONTROL_WEIGHT = 10.0
+"""Schema bound on ControlNet weights (A1111's UI stops at 2), for the same reason."""
 MAX_SEED = 2**63 - 1024
 """Seeds above this would overflow torch's generator once image i adds i."""
 
@@ -73,7 +78,9 @@ class ControlNetRef(Body):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(description="ControlNet name (GET /controlnet/model_list) in the server's folders")
     image: str = Field(description="base64 control image, already preprocessed (edges, depth, pose...)")
-    scale: float = Field(1.0, description="conditioning scale (A1111's control weight)")
+    scale: float = Field(
+        1.0, ge=-MAX_CONTROL_WEIGHT, le=MAX_CONTROL_WEIGHT, description="conditioning scale (A1111's weight)"
+    )
     guidance_start: float = Field(0.0, ge=0, le=1, description="share of the schedule before it applies")
     guidance_end: float = Field(1.0, ge=0, le=1, description="share of the schedule after which it stops")
 
@@ -83,7 +90,7 @@ class GenerateBody(Body):
     prompt: str | list[str]
     negative_prompt: str = ""
     steps: int = Field(25, ge=1, le=MAX_COUNT)
-    cfg_scale: float = 4.0
+    cfg_scale: float = Field(4.0, ge=-MAX_CFG, le=MAX_CFG)
     sampler: str | None = Field(
         None, description="ddim, euler, dpmpp_2m, 'DPM++ 2M Karras'...; default: the model's"
     )
@@ -135,7 +142,7 @@ class Txt2ImgBody(Body):
     batch_size: int = Field(1, ge=1, le=MAX_COUNT)
     n_iter: int = Field(1, ge=1, le=MAX_COUNT)
     steps: int = Field(50, ge=1, le=MAX_COUNT)
-    cfg_scale: float = 7.0
+    cfg_scale: float = Field(7.0, ge=-MAX_CFG, le=MAX_CFG)
     width: int | None = Field(None, ge=8, le=MAX_SIDE, description="default: the model's training size")
     height: int | None = Field(None, ge=8, le=MAX_SIDE, description="default: the model's training size")
     override_settings: dict[str, Any] = {}
