@@ -177,7 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not d.is_dir():
             raise FileNotFoundError(f"--lora-dir '{d}' is not a folder")
     generator = Generator(
-        {model.name: model}, device=args.device, memory=memory_options(args), lora_dirs=lora_dirs
+        {model.name: model}, device=args.device, memory=memory_options(args), lora_dirs=lora_dirs,
+        allow_paths=True,
     )
     req = GenerateRequest(
         prompts=args.prompt,
@@ -236,23 +237,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from eridiffusion.inference.generator import Generator, discover_models
     from eridiffusion.serving import ServeSettings, create_app
 
-    budget = int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None
-    generator = Generator(
-        discover_models([Path(m) for m in args.model]),
-        device=args.device,
-        memory_budget_bytes=budget,
-        max_models=args.max_models,
-        lora_dirs=[Path(d) for d in args.lora_dir],
-        controlnet_dirs=[Path(d) for d in args.controlnet_dir],
-        memory=memory_options(args),
-    )
     settings = ServeSettings(
         max_width=args.max_size,
         max_height=args.max_size,
         max_steps=args.max_steps,
         max_images=args.max_images,
         max_queue=args.max_queue,
-        api_key=args.api_key or os.environ.get("ERI_API_KEY"),
+        api_key=args.api_key if args.api_key is not None else os.environ.get("ERI_API_KEY"),
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_image_pixels=int(args.max_image_mp * 1e6),
+        public_docs=args.public_docs,
+    )
+    budget = int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None
+    roots = [Path(m) for m in args.model]
+    generator = Generator(
+        discover_models(roots),
+        model_roots=roots,
+        device=args.device,
+        memory_budget_bytes=budget,
+        max_models=args.max_models,
+        lora_dirs=[Path(d) for d in args.lora_dir],
+        controlnet_dirs=[Path(d) for d in args.controlnet_dir],
+        memory=memory_options(args),
     )
     print(f"serving {sorted(generator.models)} on http://{args.host}:{args.port} (docs: /docs)")
     uvicorn.run(create_app(generator, settings), host=args.host, port=args.port, log_level="info")
@@ -490,7 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860, help="A1111's default port")
     p.add_argument("--device", default="auto")
-    p.add_argument("--api-key", default=None, help="require this key (default: $ERI_API_KEY, else none)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key on every route but /health (default: $ERI_API_KEY, else none; empty: refused)",
+    )
+    p.add_argument("--public-docs", action="store_true", help="serve /docs and /openapi.json without the key")
+    p.add_argument("--max-body-mb", type=float, default=32, help="larger request bodies answer 413")
+    p.add_argument(
+        "--max-image-mp",
+        type=float,
+        default=16.8,
+        help="megapixels of an uploaded image, read from its header",
+    )
     p.add_argument("--max-models", type=int, default=2, help="models (with their LoRA sets) kept loaded")
     p.add_argument("--memory-budget-gb", type=float, default=None, help="evict models beyond this")
     p.add_argument("--max-queue", type=int, default=8, help="waiting jobs before answering 429")

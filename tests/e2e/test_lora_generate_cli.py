@@ -17,7 +17,7 @@ from eridiffusion.cli import EXIT_USER_ERROR, main
 from eridiffusion.config.schema import NetworkConfig
 from eridiffusion.models import build_family, load_family
 from eridiffusion.networks import AdapterSpec, apply_adapter_files, attach_network, export_network
-from eridiffusion.serving.app import parse_parameters
+from eridiffusion.serving.a1111_compat import parse_parameters
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_separate_text_encoder_and_unet_multipliers(setup: Path, tmp_path: Path)
     [
         ("a <lora:style:lbw=OUTALL>", "block weights .* not supported"),
         ("a <lora:style:strong>", "'strong' is not a number"),
-        ("a <lora:missing:1>", "LoRA 'missing' not found"),
+        ("a <lora:missing:1>", "unknown LoRA 'missing'"),
     ],
 )
 def test_bad_tags_exit_2_with_the_reason(

@@ -130,7 +130,6 @@ def test_a1111_alwayson_scripts_match_native(client: TestClient) -> None:
     [
         ({"model": "edges", "image": "x", "module": "canny"}, "preprocessor 'canny' is not available"),
         ({"model": "edges"}, "ControlNet unit 0 has no image"),
-        ({"model": "nope", "image": "IMG"}, "ControlNet 'nope' not found"),
         ({"model": "edges", "image": "IMG", "guidance_start": 0.9, "guidance_end": 0.1}, "start <= end"),
         ({"model": "edges", "image": "IMG", "resize_mode": 2}, "'Resize and Fill' is not supported"),
         ({"model": "edges", "image": "IMG", "control_mode": 2}, "only control_mode 'Balanced'"),
@@ -140,6 +139,11 @@ def test_a1111_unit_errors_answer_422(client: TestClient, unit: dict[str, Any], 
     unit = {k: _hint(0) if v == "IMG" else v for k, v in unit.items()}
     res = _a1111(client, alwayson_scripts={"controlnet": {"args": [unit]}})
     assert res.status_code == 422 and message in res.text, res.text
+
+
+def test_unknown_controlnet_answers_404(client: TestClient) -> None:
+    res = _a1111(client, alwayson_scripts={"controlnet": {"args": [{"model": "nope", "image": _hint(0)}]}})
+    assert res.status_code == 404 and res.json() == {"detail": "unknown ControlNet 'nope'"}
 
 
 def test_native_errors_answer_422(client: TestClient) -> None:

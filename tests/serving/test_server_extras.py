@@ -25,6 +25,7 @@ from eridiffusion.inference.generator import Generator, discover_models
 from eridiffusion.models import build_family
 from eridiffusion.serving import ServeSettings, create_app
 from tests.conftest import TINY_OPTIONS
+from tests.serving.waits import wait_until
 
 SIZE, LO, HI = 64, 24, 40
 """Images are SIZE px square; the inpainting mask is the square [LO, HI) x [LO, HI)."""
@@ -210,14 +211,9 @@ def test_live_preview_in_progress_while_a_job_runs(model_dir: Path) -> None:
         assert c.get("/sdapi/v1/progress").json()["current_image"] is None  # idle
 
 
-def _wait_done(c: TestClient, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        status = c.get(f"/v1/jobs/{job_id}").json()
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not finish")
+def _wait_done(c: TestClient, job_id: str) -> None:
+    finished = ("done", "failed", "cancelled")
+    wait_until(lambda: c.get(f"/v1/jobs/{job_id}").json()["state"] in finished, 30, f"job {job_id}")
 
 
 def _gauge(text: str, name: str) -> float:
@@ -254,9 +250,7 @@ def test_graceful_shutdown_finishes_accepted_jobs_and_refuses_new_ones(model_dir
     server = uvicorn.Server(uvicorn.Config(app, port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: server.started, 20, "uvicorn start")
     port = server.servers[0].sockets[0].getsockname()[1]
     body = {"prompt": "a", "steps": 5, "width": 16, "height": 16, "model": "a"}
     queue = app.state.server.queue
@@ -267,20 +261,17 @@ def test_graceful_shutdown_finishes_accepted_jobs_and_refuses_new_ones(model_dir
             target=lambda: waiting.update(http.post("/v1/generate", json={**body, "seed": 3}).json())
         )
         in_flight.start()
-        while queue.current is None:
-            time.sleep(0.01)
+        wait_until(lambda: queue.current is not None, 30, "a job running")
         server.should_exit = True
         # the drain starts once open connections are done: from then on new work answers 503
-        deadline = time.monotonic() + 30
-        while not queue.closing and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert queue.closing
+        wait_until(lambda: queue.closing, 30, "shutdown draining")
         refused = TestClient(app).post("/v1/generate", json=body)  # in-process: the socket is closed
         assert refused.status_code == 503 and "shutting down" in refused.text
         assert TestClient(app).get("/health").status_code == 503
         in_flight.join(30)
         thread.join(30)
-    assert not thread.is_alive()
+    assert not in_flight.is_alive(), "the in-flight request was not answered within 30 s"
+    assert not thread.is_alive(), "the server did not stop within 30 s"
     assert waiting["seeds"] == [3] and len(waiting["images"]) == 1  # the in-flight request was answered
     for job_id in background:
         job = queue.jobs[job_id]

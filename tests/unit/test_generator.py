@@ -10,7 +10,7 @@ import torch
 
 from eridiffusion.config.schema import NetworkConfig
 from eridiffusion.inference.generate import GenerateRequest, sample
-from eridiffusion.inference.generator import Generator, discover_models
+from eridiffusion.inference.generator import Generator, UnknownName, discover_models
 from eridiffusion.models import build_family
 from eridiffusion.networks import attach_network, export_network
 from tests.conftest import TINY_OPTIONS
@@ -82,7 +82,7 @@ def test_cache_evicts_least_recently_used(models: Path) -> None:
     budget.generate(_req(), model="a")
     budget.generate(_req(), model="b")
     assert len(budget.cache.loaded()) == 1 and budget.cache.total_bytes <= one
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(UnknownName, match="unknown model 'zzz'"):
         gen.generate(_req(), model="zzz")
 
 

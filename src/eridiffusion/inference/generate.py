@@ -25,7 +25,7 @@ from eridiffusion.inference.controlnet import Control, ControlUnit
 from eridiffusion.inference.inpaint import InpaintOptions, fill_latents
 from eridiffusion.inference.inpaint import prepare as prepare_inpaint
 from eridiffusion.inference.memory import MemoryOptions, decode
-from eridiffusion.inference.samplers import check_sampler, make_scheduler, resolve_sampler
+from eridiffusion.inference.samplers import check_sampler, make_scheduler, precise_sigmas, resolve_sampler
 from eridiffusion.models.prompt_chunks import ChunkedPrompts
 from eridiffusion.models.prompts import find_truncations
 from eridiffusion.models.protocol import Conditioning, GuidanceEmbedding, ModelFamily
@@ -78,16 +78,24 @@ def _cat(a: Conditioning, b: Conditioning) -> Conditioning:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def _check_timesteps(timesteps: torch.Tensor, req: GenerateRequest) -> None:
-    """Karras sigmas on a schedule with a huge sigma_max (e.g. cosine) collapse onto repeated timesteps,
-    which diffusers then steps past the end of; say so instead of crashing or sampling garbage."""
-    if resolve_sampler(req.sampler).key != "heun":
-        ts = timesteps.tolist()
-        if len(set(ts)) != len(ts):
-            raise ValueError(
-                f"sampler {req.sampler!r} gives repeated timesteps with this model's noise schedule at "
-                f"{req.steps} steps; pick another sampler (e.g. ddim, euler, dpmpp_2m)"
-            )
+def _check_timesteps(scheduler: Any, req: GenerateRequest) -> None:
+    """Karras sigmas (Karras et al. 2022) run from the schedule's largest sigma down with rho=7, which
+    crowds steps near sigma_max. On a schedule whose last training step has a huge sigma (cosine: ~2e4)
+    most steps then map to the same discrete timestep, which diffusers steps past the end of. Refuse with
+    the reason before any work, instead of crashing or sampling garbage. (Heun repeats timesteps by
+    design: two evaluations per step.)"""
+    if resolve_sampler(req.sampler).key == "heun":
+        return
+    ts = scheduler.timesteps.tolist()
+    if len(set(ts)) != len(ts):
+        sigmas = getattr(scheduler, "sigmas", None)
+        top = f" (sigma_max {float(sigmas.max()):.3g})" if sigmas is not None else ""
+        raise ValueError(
+            f"sampler {req.sampler!r} gives repeated timesteps with this model's noise schedule{top} at "
+            f"{req.steps} steps: Karras spacing crowds the steps near "
+            "sigma_max, which this schedule's last training step makes huge; use the same sampler without "
+            "Karras (e.g. dpmpp_2m) or ddim / euler"
+        )
 
 
 def _noised(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -127,9 +135,19 @@ def _start_from_image(
     return timesteps, _noised(scheduler, x0, noise, timesteps[:1]), x0
 
 
-def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
-    """One CPU generator per image (seed, seed+1, ...) so image *i* reproduces alone, as in A1111."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+def image_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image (seed, seed+1, ...): it draws the image's initial noise and then, for
+    ancestral/SDE samplers, the fresh noise of every step, so image *i* of a batch is the image generated
+    alone with its seed (as A1111 seeds each image's sampler noise)."""
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def initial_noise(
+    shape: tuple[int, ...], seeds: list[int], generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
+    """Each image's starting noise from its own generator (made from ``seeds`` unless given)."""
+    generators = generators if generators is not None else image_generators(seeds)
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
 @dataclass(frozen=True)
@@ -179,6 +197,12 @@ def _warn_truncation(family: ModelFamily, prompts: list[str], negative: str | No
             logger.warning("%s cut: %s", what, truncation.message(what))
 
 
+class StopEarly(Exception):
+    """Raised by a :data:`StepCallback` to end sampling now and return the images as they are: the
+    latest x0 estimate, decoded (A1111's ``/interrupt``, which answers with the partial images). Any
+    other exception from the callback abandons the images."""
+
+
 @torch.no_grad()
 def sample(
     family: ModelFamily,
@@ -210,9 +234,11 @@ def sample(
     scheduler = make_scheduler(req.sampler, family.objective.scheduler_config())
     extra = family.objective.set_timesteps_kwargs(req.steps, latent_shape)
     scheduler.set_timesteps(req.steps, device=device, **extra)
-    _check_timesteps(scheduler.timesteps, req)
+    _check_timesteps(scheduler, req)
+    precise_sigmas(scheduler)
     seeds = req.image_seeds()
-    noise = initial_noise(latent_shape, seeds).to(device)
+    generators = image_generators(seeds)
+    noise = initial_noise(latent_shape, seeds, generators).to(device)
     schedule, x0, keep = scheduler.timesteps, None, None
     if req.init_image is None:
         if req.mask is not None:
@@ -231,11 +257,10 @@ def sample(
             if req.inpaint is not None and req.inpaint.fill in ("latent_noise", "latent_nothing"):
                 x0 = fill_latents(x0, noise, keep, req.inpaint)
                 latents = _noised(scheduler, x0, noise, schedule[:1])
-    # ancestral/SDE samplers draw fresh noise each step: seed it too; deterministic ones take no generator
+    # ancestral/SDE samplers draw fresh noise each step, image i from its own generator (diffusers draws
+    # one slice per generator of a list); deterministic ones take no generator
     step_kwargs = (
-        {"generator": torch.Generator().manual_seed(req.seed)}
-        if "generator" in inspect.signature(scheduler.step).parameters
-        else {}
+        {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     )
     embedded = (
         family.embedded_guidance(req.guidance_scale, n) if isinstance(family, GuidanceEmbedding) else None
@@ -260,16 +285,24 @@ def sample(
             out = out_uncond + req.guidance_scale * (out_cond - out_uncond)
         stepped = scheduler.step(out, t, latents, **step_kwargs)
         latents = stepped.prev_sample
+        estimate = getattr(stepped, "pred_original_sample", None)
         if keep is not None and x0 is not None:
             known = x0 if i + 1 == total else _noised(scheduler, x0, noise, schedule[i + 1])
             latents = keep * known + (1 - keep) * latents
         if preview is not None and (i + 1) % preview.every == 0 and i + 1 < total:
-            _preview(family, preview, i + 1, getattr(stepped, "pred_original_sample", None), latents, memory)
+            _preview(family, preview, i + 1, estimate, latents, memory)
         if on_step is not None:
-            on_step(i + 1, total)
+            try:
+                on_step(i + 1, total)
+            except StopEarly:
+                if i + 1 < total and estimate is not None:
+                    latents = estimate if keep is None or x0 is None else keep * x0 + (1 - keep) * estimate
+                break
     if not torch.isfinite(latents).all():
+        others = [k for k in ("ddim", "euler", "dpmpp_2m") if k != resolve_sampler(req.sampler).key]
         raise ValueError(
-            f"sampler {req.sampler!r} produced NaN/inf with this model; try ddim, euler or dpmpp_2m"
+            f"sampler {req.sampler!r} produced NaN/inf with this model (CFG scale {req.guidance_scale:g}); "
+            f"try {' or '.join(others)}, or a lower CFG scale"
         )
     return decode(family, latents, memory).clamp(-1, 1).float().cpu()
 

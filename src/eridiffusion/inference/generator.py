@@ -96,6 +96,69 @@ def pil_to_mask(image: Image.Image, width: int, height: int, invert: bool = Fals
     return 1 - mask if invert else mask
 
 
+class UnknownName(FileNotFoundError):
+    """A model, LoRA or ControlNet name that names nothing loadable here. The message is the same whether
+    the name is missing, outside the configured folders or not a model at all, and never shows a server
+    path: a client learns nothing about the disk from it (a server answers 404)."""
+
+    def __init__(self, kind: str, name: str, hint: str = "") -> None:
+        shown = name if len(name) <= 120 else name[:120] + "..."
+        super().__init__(f"unknown {kind} {shown!r}" + (f"; {hint}" if hint else ""))
+        self.kind = kind
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, symlinks and ``..`` resolved, lies inside ``folder`` (also resolved)."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError, ValueError):  # symlink loops, NUL bytes
+        return False
+
+
+def _is_lora(path: Path) -> bool:
+    try:
+        return path.suffix == ".safetensors" and path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, NUL bytes
+        return False
+
+
+def _is_controlnet(path: Path) -> bool:
+    """A diffusers ControlNet folder or a single ``.safetensors`` file."""
+    try:
+        return (path.is_dir() and (path / "config.json").is_file()) or _is_lora(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _missing_path(kind: str, name: str, allow_paths: bool) -> None:
+    """The CLI's message for a path it was given that is not there (a server never reaches this)."""
+    path = Path(name)
+    if allow_paths and (len(path.parts) > 1 or path.suffix == ".safetensors"):
+        raise FileNotFoundError(f"{kind} '{path}' does not exist")
+
+
+def _find_inside(
+    folders: list[Path], name: str, suffixes: tuple[str, ...], accept: Callable[[Path], bool]
+) -> Path | None:
+    """``name`` (a path relative to one of ``folders``, optionally without its suffix) resolved with
+    symlinks and ``..``, when it stays inside that folder and ``accept`` takes it; else None. An absolute
+    name joins to itself and so lands outside every folder."""
+    if not name or "\0" in name:
+        return None
+    for folder in folders:
+        root = folder.resolve()
+        for suffix in suffixes:
+            if suffix and name.endswith(suffix):
+                continue
+            try:
+                candidate = (root / (name + suffix)).resolve()
+                if candidate.is_relative_to(root) and accept(candidate):
+                    return candidate
+            except (OSError, RuntimeError, ValueError):
+                continue
+    return None
+
+
 class ModelCache:
     """Loaded models by (model path, LoRA set), least recently used first out.
 
@@ -215,6 +278,8 @@ class Generator:
         controlnet_dirs: list[Path] | None = None,
         max_controlnets: int = 2,
         memory: MemoryOptions | None = None,
+        allow_paths: bool = False,
+        model_roots: list[Path] | None = None,
     ) -> None:
         if not models:
             raise ValueError("Generator needs at least one model")
@@ -222,55 +287,83 @@ class Generator:
         self.default_model = next(iter(self.models))
         self.lora_dirs = list(lora_dirs or [])
         self.controlnet_dirs = list(controlnet_dirs or [])
+        self.allow_paths = allow_paths
+        """Also accept LoRA / ControlNet file paths (the CLI's user owns the disk); never for a server."""
+        self.model_roots = list(model_roots or [])
+        """Where ``models`` were discovered (:func:`discover_models`), for :meth:`refresh_models`."""
         self.memory = memory or MemoryOptions()
         self.cache = ModelCache(resolve_device(device), memory_budget_bytes, max_models, memory=self.memory)
         self._offload_lock = threading.Lock()
         """CPU offload moves shared modules between devices: offloaded generations run one at a time."""
         self.controlnets = ControlNetCache(self.cache.device, max_controlnets)
 
+    def refresh_models(self) -> dict[str, Path]:
+        """Discover the models in ``model_roots`` again (new checkpoints appear, removed ones go; the
+        default stays unless it went). Without roots the models given at construction stay as they are."""
+        if self.model_roots:
+            found = discover_models(self.model_roots)
+            self.models = found
+            if self.default_model not in found:
+                self.default_model = next(iter(found))
+        return self.models
+
     def model_path(self, name: str | None) -> tuple[str, Path]:
         name = name or self.default_model
         if name not in self.models:
-            raise ValueError(f"unknown model {name!r}; available: {sorted(self.models)}")
+            raise UnknownName("model", name, f"available: {sorted(self.models)}")
         return name, self.models[name]
 
     def list_controlnets(self) -> dict[str, Path]:
         """Name -> path of the ControlNets in the ControlNet folders: diffusers folders (by folder name)
-        and single ``.safetensors`` files (by stem), as A1111's extension lists its models."""
+        and single ``.safetensors`` files (by stem), as A1111's extension lists its models. Entries whose
+        real path (symlinks resolved) lies outside their folder are left out: they could not be loaded."""
         found: dict[str, Path] = {}
         for d in self.controlnet_dirs:
             if d.is_dir():
                 for p in sorted(d.iterdir()):
-                    if (p.is_dir() and (p / "config.json").is_file()) or p.suffix == ".safetensors":
+                    if _is_controlnet(p) and _inside(p, d):
                         found[p.stem if p.is_file() else p.name] = p
         return found
 
-    def resolve_controlnet(self, name_or_path: str) -> Path:
-        """A ControlNet by path, or by name in the ControlNet folders; A1111 clients send the names the
-        extension lists, ``name [hash]``, so a trailing hash is ignored."""
-        path = Path(name_or_path)
-        if path.exists():
-            return path.resolve()
-        known = self.list_controlnets()
-        bare = name_or_path.split(" [", 1)[0]
-        if bare in known:
-            return known[bare].resolve()
-        if len(path.parts) > 1 or path.suffix == ".safetensors":
-            raise FileNotFoundError(f"ControlNet '{path}' does not exist")
-        raise FileNotFoundError(f"ControlNet {name_or_path!r} not found (known: {sorted(known)})")
+    def resolve_controlnet(self, name: str) -> Path:
+        """A ControlNet by name in the ControlNet folders; A1111 clients send the names the extension
+        lists, ``name [hash]``, so a trailing hash is ignored. With ``allow_paths`` (the CLI) a path too.
+
+        Raises :class:`UnknownName` with one message for "missing" and "outside the folders" alike."""
+        bare = name.split(" [", 1)[0]
+        return self._resolve("ControlNet", name, bare, self.list_controlnets(), self.controlnet_dirs)
 
     def list_loras(self) -> dict[str, Path]:
-        return {p.stem: p for d in self.lora_dirs if d.is_dir() for p in sorted(d.glob("*.safetensors"))}
+        """Name (file stem) -> path of the ``.safetensors`` files directly in the LoRA folders."""
+        return {
+            p.stem: p
+            for d in self.lora_dirs
+            if d.is_dir()
+            for p in sorted(d.glob("*.safetensors"))
+            if _inside(p, d)
+        }
 
-    def resolve_lora(self, name_or_path: str) -> Path:
-        """A LoRA by path, or by name (file stem) in the LoRA folders, as A1111's prompt tags name them."""
-        path = Path(name_or_path)
-        if path.is_file():
-            return path.resolve()
-        known = self.list_loras()
-        if name_or_path in known:
-            return known[name_or_path].resolve()
-        raise FileNotFoundError(f"LoRA {name_or_path!r} not found (known: {sorted(known)})")
+    def resolve_lora(self, name: str) -> Path:
+        """A LoRA by name, as A1111's prompt tags name them: a file stem in the LoRA folders, or a path
+        relative to one (``style/ink``, ``.safetensors`` optional). With ``allow_paths`` (the CLI) a path
+        to any file too; a server leaves it off so clients open nothing outside the folders it was given.
+
+        Raises :class:`UnknownName` with one message for "missing" and "outside the folders" alike."""
+        return self._resolve("LoRA", name, name, self.list_loras(), self.lora_dirs)
+
+    def _resolve(self, kind: str, name: str, bare: str, listed: dict[str, Path], folders: list[Path]) -> Path:
+        """``bare`` as a listed name, else as a path inside one of ``folders``; with ``allow_paths`` a
+        path anywhere first. ``name`` (as sent) is what an :class:`UnknownName` shows."""
+        accept = _is_lora if kind == "LoRA" else _is_controlnet
+        if self.allow_paths and accept(Path(name)):
+            return Path(name).resolve()
+        if bare in listed:
+            return listed[bare].resolve()
+        found = _find_inside(folders, bare, (".safetensors", ""), accept)
+        if found is None:
+            _missing_path(kind, name, self.allow_paths)
+            raise UnknownName(kind, name)
+        return found
 
     def plan_loras(self, prompts: list[str], loras: list[tuple[str, float]]) -> LoraPlan:
         """The LoRAs of a request: ``<lora:...>`` tags of any prompt, then ``loras`` (paths or names)."""

@@ -37,7 +37,7 @@ class SamplerSpec:
     prediction_types: frozenset[str] = DDPM_PREDICTIONS
     """Objectives (``NoiseObjective.prediction_type``) this sampler integrates correctly."""
     stochastic: bool = False
-    """Draws fresh noise every step (from one generator per batch), so an image depends on its batch."""
+    """Draws fresh noise every step (image i from its own generator, see ``generate.image_generators``)."""
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -74,6 +74,20 @@ def make_scheduler(name: str, objective_config: dict[str, Any]) -> SchedulerMixi
     """A fresh scheduler matching the training objective (betas, prediction type)."""
     spec = resolve_sampler(name)
     return spec.scheduler(**objective_config, **spec.extra)
+
+
+def precise_sigmas(scheduler: SchedulerMixin) -> None:
+    """Hold an ancestral scheduler's sigmas in float64 (CPU/CUDA; MPS has no float64).
+
+    Euler a splits each step into sigma_up = sqrt(s_to^2 (s_from^2 - s_to^2) / s_from^2) and
+    sigma_down = sqrt(s_to^2 - sigma_up^2). When s_from is huge (a cosine schedule's first sigma is ~2e4)
+    the float32 difference cancels to a rounding error that can be negative, and sigma_down becomes NaN:
+    the whole image turns NaN (seen at exactly 4 steps). In float64 the difference stays positive; the
+    latents stay float32 (a 0-d float64 tensor does not promote them)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    ancestral = isinstance(scheduler, EulerAncestralDiscreteScheduler)
+    if ancestral and sigmas is not None and sigmas.device.type != "mps":
+        scheduler.sigmas = sigmas.double()
 
 
 def compatible_samplers(prediction_type: str) -> list[str]:

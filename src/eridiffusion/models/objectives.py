@@ -32,7 +32,12 @@ class DDPMObjective:
         num_train_timesteps: int = 1000,
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
+        timestep_spacing: str | None = None,
+        steps_offset: int | None = None,
     ) -> None:
+        """``timestep_spacing`` / ``steps_offset``: the model's inference convention (SD's is "leading"
+        with offset 1), part of :meth:`scheduler_config`, so every sampler and the scheduler written into
+        a saved folder follow it; None leaves each diffusers scheduler's own default (the tiny family)."""
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {sorted(BETA_SCHEDULES)}, got {beta_schedule!r}")
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -47,10 +52,16 @@ class DDPMObjective:
             "beta_end": beta_end,
             "prediction_type": prediction_type,
         }
+        if timestep_spacing is not None:
+            self._config["timestep_spacing"] = timestep_spacing
+        if steps_offset is not None:
+            self._config["steps_offset"] = steps_offset
         ref = DDPMScheduler(**self._config)
         self.alphas_cumprod = ref.alphas_cumprod.to(torch.float32)
 
     def scheduler_config(self) -> dict[str, Any]:
+        """The one scheduler config: betas, prediction type and inference spacing. Samplers are built
+        from it and ``save_pretrained`` writes it, so our images equal diffusers' pipeline on our folders."""
         return dict(self._config)
 
     def sample_timesteps(

@@ -104,7 +104,9 @@ def parse_sd_options(options: dict[str, Any], where: str = "model.options") -> S
 
 
 def objective_from_scheduler(config: dict[str, Any], prediction_type: str | None) -> DDPMObjective:
-    """Our DDPM objective from a diffusers scheduler config (or a preset's), with an optional override."""
+    """Our DDPM objective from a diffusers scheduler config (or a preset's), with an optional override.
+    The timestep spacing comes from the config too (what diffusers' pipeline would use on the folder);
+    a preset (single files) names none and gets SD's own convention, "leading" with offset 1."""
     ours = {v: k for k, v in BETA_SCHEDULES.items()}
     schedule = config.get("beta_schedule", "quadratic")
     if schedule not in BETA_SCHEDULES:
@@ -119,6 +121,8 @@ def objective_from_scheduler(config: dict[str, Any], prediction_type: str | None
         num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
         beta_start=float(config.get("beta_start", 0.00085)),
         beta_end=float(config.get("beta_end", 0.012)),
+        timestep_spacing=str(config.get("timestep_spacing", "leading")),
+        steps_offset=int(config.get("steps_offset", 1)),
     )
 
 
@@ -312,11 +316,9 @@ class StableDiffusionFamily(VAELatents):
             self.tokenizers[slot.tokenizer].save_pretrained(path / slot.tokenizer)
             index[slot.module] = ["transformers", slot.model_class.__name__]
             index[slot.tokenizer] = ["transformers", "CLIPTokenizer"]
-        # the sampler diffusers' SD pipelines ship with, on our training schedule (we only read back the
-        # betas and prediction type); ``leading`` spacing with offset 1 is SD's inference convention
-        scheduler = EulerDiscreteScheduler(
-            **self.objective.scheduler_config(), timestep_spacing="leading", steps_offset=1
-        )
+        # the sampler diffusers' SD pipelines ship with, on the one config our own samplers use (betas,
+        # prediction type, spacing), so diffusers' pipeline on this folder samples as we do
+        scheduler = EulerDiscreteScheduler(**self.objective.scheduler_config())
         scheduler.save_pretrained(path / "scheduler")
         index.update(self.extra_index_entries())
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

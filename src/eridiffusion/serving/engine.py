@@ -10,6 +10,7 @@ sampler checks after every step.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from eridiffusion.inference.generate import GenerateRequest, Preview, make_grid, to_pil
+from eridiffusion.inference.generate import GenerateRequest, Preview, StopEarly, make_grid, to_pil
 from eridiffusion.inference.generator import GenerationResult, Generator
 from eridiffusion.inference.samplers import resolve_sampler
 from eridiffusion.serving.metrics import Metrics
@@ -51,6 +52,8 @@ class Job:
     created: float = field(default_factory=time.time)
     error: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    interrupt_event: threading.Event = field(default_factory=threading.Event)
+    """A1111's ``/interrupt``: stop sampling and deliver the images as they are (cancel delivers none)."""
     future: Future[GenerationResult] = field(default_factory=Future)
     preview: Image.Image | None = None
     """The latest live preview (a grid of the batch's current estimates), when previews are on."""
@@ -63,17 +66,17 @@ class Job:
 
 
 def batch_key(job: Job) -> tuple[object, ...] | None:
-    """Jobs with equal keys can share one forward batch and still give each image exactly what it would
-    get alone: same model, LoRAs, size, steps, CFG, negative prompt, ControlNet units (nets, images,
-    weights, windows) and a sampler that draws no noise during sampling (ancestral samplers seed one
-    generator per batch). None: run this job alone."""
+    """Jobs with equal keys can share one forward batch and still give each image what it would get
+    alone (up to float rounding): same model, LoRAs, size, steps, CFG, negative prompt, sampler and
+    ControlNet units (nets, images, weights, windows). Ancestral samplers batch too: each image draws its
+    step noise from its own seeded generator. None: run this job alone."""
     r = job.request
     try:
-        # no sampler named: the model's default (ddim or flow_euler), both deterministic
-        stochastic = bool(r.sampler) and resolve_sampler(r.sampler).stochastic
+        if r.sampler:
+            resolve_sampler(r.sampler)
     except ValueError:
         return None  # an unknown sampler: the job fails alone, with the sampler's message
-    if r.init_image is not None or stochastic or any("<lora:" in p for p in r.prompts):
+    if r.init_image is not None or any("<lora:" in p for p in r.prompts):
         return None
     loras = tuple(job.loras)
     controls = tuple(u.key() for u in r.controls)  # one ControlNet input per batch: same nets and images
@@ -112,8 +115,11 @@ class JobQueue:
         self.keep_finished = keep_finished
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.current: Job | None = None
-        self.mean_job_seconds = 1.0
-        """Moving average of batch run time, for the 429 answer's Retry-After."""
+        self.running: list[Job] = []
+        """The jobs of the batch being generated (``current`` is the first)."""
+        self.batch_seconds: float | None = None
+        """Moving average of measured batch run times (None until one ran), for the 429's Retry-After."""
+        self._batch_start = 0.0
         self.preview_every = 0
         """Decode a live preview every this many steps; 0: off (each preview costs a VAE decode)."""
         self._pending: deque[Job] = deque()
@@ -144,17 +150,26 @@ class JobQueue:
             self._cond.notify()
         return job
 
+    def retry_after(self) -> int:
+        """Whole seconds until the worker next takes jobs from the queue, which frees its slots: the
+        measured mean batch time less what the running batch already used; 1 before any measurement.
+        (The waiting jobs do not add up: compatible ones run together in the next batch.)"""
+        if self.batch_seconds is None:
+            return 1
+        elapsed = time.perf_counter() - self._batch_start if self.current is not None else 0.0
+        return max(1, math.ceil(self.batch_seconds - elapsed))
+
     def cancel(self, job_id: str) -> Job:
         job = self.jobs[job_id]
         job.cancel_event.set()
         return job
 
     def interrupt(self) -> Job | None:
-        """Cancel the running job (A1111's ``/interrupt``); queued jobs still run."""
-        job = self.current
-        if job is not None:
-            job.cancel_event.set()
-        return job
+        """Stop the running batch after its current step (A1111's ``/interrupt`` and ``/skip``): its jobs
+        finish with the partial images; queued jobs still run. Returns the batch's first job."""
+        for job in self.running:
+            job.interrupt_event.set()
+        return self.current
 
     def begin_shutdown(self) -> None:
         """Refuse new jobs from now on; the worker still finishes the running and queued ones."""
@@ -206,14 +221,16 @@ class JobQueue:
         first = batch[0]
         for job in batch:
             job.state, job.total_steps = "running", job.request.steps
-        self.current = first
-        start = time.perf_counter()
+        self.current, self.running = first, batch
+        start = self._batch_start = time.perf_counter()
 
         def on_step(step: int, total: int) -> None:
             for job in batch:
                 job.step, job.total_steps = step, total
             if all(j.cancel_event.is_set() for j in batch):
                 raise JobCancelled(f"job {first.id} cancelled")
+            if all(j.cancel_event.is_set() or j.interrupt_event.is_set() for j in batch):
+                raise StopEarly
 
         def on_preview(step: int, pixels: torch.Tensor) -> None:
             images = to_pil(pixels)
@@ -235,10 +252,11 @@ class JobQueue:
             result = self.generator.generate(
                 request, first.model, first.loras, on_step=on_step, preview=preview
             )
-        except JobCancelled as exc:
+        except (JobCancelled, StopEarly) as exc:  # StopEarly here: stopped before sampling began
+            cancelled = exc if isinstance(exc, JobCancelled) else JobCancelled(f"job {first.id} interrupted")
             for job in batch:
                 job.state = "cancelled"
-                job.future.set_exception(exc)
+                job.future.set_exception(cancelled)
         except Exception as exc:
             for job in batch:
                 job.state, job.error = "failed", str(exc)
@@ -246,8 +264,9 @@ class JobQueue:
         else:
             self._deliver(batch, result)
         finally:
-            self.current = None
-            self.mean_job_seconds = 0.8 * self.mean_job_seconds + 0.2 * (time.perf_counter() - start)
+            self.current, self.running = None, []
+            took = time.perf_counter() - start
+            self.batch_seconds = took if self.batch_seconds is None else 0.7 * self.batch_seconds + 0.3 * took
             self.metrics.cache_bytes.set(self.generator.cache.total_bytes)
 
     def _deliver(self, batch: list[Job], result: GenerationResult) -> None:
