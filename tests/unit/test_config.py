@@ -68,7 +68,7 @@ def test_minimal_config_fills_defaults() -> None:
         (
             minimal(train={"optimizer": {"typ": "sgd"}}),
             "train.optimizer.typ",
-            "betas, eps, type, weight_decay",
+            "betas, eps, params, type, weight_decay",
         ),
         (minimal(train={"ema": {"decy": 0.9}}), "train.ema.decy", "decay, enabled, warmup"),
         (
@@ -101,7 +101,8 @@ def test_model_options_accept_family_specific_keys() -> None:
 
 def test_bad_literal_lists_allowed_values() -> None:
     msg = error_of(minimal(train={"optimizer": {"type": "adam"}}))
-    assert "train.optimizer.type: Input should be 'adamw', 'adamw8bit' or 'sgd' (got 'adam')" in msg
+    assert "train.optimizer.type: Input should be 'adamw', 'adamw8bit', 'sgd', 'prodigy', " in msg
+    assert "'adamw_schedulefree' or 'came' (got 'adam')" in msg
 
 
 def test_bad_literal_in_list_item_names_index() -> None:

@@ -68,11 +68,54 @@ class EMAConfig(Strict):
     warmup: bool = Field(default=True, description="ramp decay as (1+n)/(10+n) so early EMA is not stale")
 
 
+OptimizerName = Literal[
+    "adamw", "adamw8bit", "sgd", "prodigy", "adafactor", "lion", "lion8bit", "adamw_schedulefree", "came"
+]
+SchedulerName = Literal[
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+]
+SCHEDULE_FREE: frozenset[str] = frozenset({"adamw_schedulefree"})
+"""Optimizers that replace the LR schedule with their own averaging (Defazio et al. 2024)."""
+
+
+def schedule_conflict(optimizer: str, params: dict[str, Any], scheduler: str, warmup: int) -> str | None:
+    """Why this optimizer cannot take an external LR schedule, or None when it can.
+
+    Schedule-free AdamW and Adafactor's relative step size compute the step size themselves; a schedule
+    multiplied on top would silently change what the user asked for, so it is refused instead.
+    """
+    owner = None
+    if optimizer in SCHEDULE_FREE:
+        owner = f"{optimizer} is schedule-free (it averages its iterates instead of decaying the LR)"
+    elif optimizer == "adafactor" and params.get("relative_step"):
+        owner = "adafactor with params.relative_step: true computes its own step size"
+    if owner is None or (scheduler in ("constant", "constant_with_warmup") and warmup == 0):
+        return None
+    return (
+        f"{owner}, so it takes no LR schedule: set lr_scheduler: constant and lr_warmup_steps: 0 "
+        "(warm up with optimizer params.warmup_steps for schedule-free AdamW)"
+    )
+
+
 class OptimizerConfig(Strict):
-    type: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    """Optimizer settings; ``params`` go to the optimizer's constructor as written (checked against it)."""
+
+    type: OptimizerName = "adamw"
     weight_decay: float = Field(default=0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field(
+        default=(0.9, 0.999), description="Adam-style betas; Lion/Prodigy use their own unless set here"
+    )
     eps: float = Field(default=1e-8, gt=0)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra constructor arguments, e.g. {d_coef: 2} for prodigy or {relative_step: true}",
+    )
 
 
 class TrainConfig(Strict):
@@ -83,8 +126,10 @@ class TrainConfig(Strict):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     lr: float = Field(default=1e-4, gt=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: SchedulerName = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0, description="linear warmup before any schedule")
+    lr_cycles: int = Field(default=1, ge=1, description="cosine_with_restarts: number of cosine cycles")
+    lr_power: float = Field(default=1.0, gt=0, description="polynomial: decay exponent (1 = linear)")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="null disables clipping")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         default="auto", description="auto: bf16 on CUDA devices that support it, otherwise fp32"
@@ -98,6 +143,14 @@ class TrainConfig(Strict):
     seed: int = 42
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
     num_workers: int = Field(default=0, ge=0, description="data loading processes; 0 loads in the trainer")
+
+    @model_validator(mode="after")
+    def _schedule_allowed(self) -> TrainConfig:
+        o = self.optimizer
+        problem = schedule_conflict(o.type, o.params, self.lr_scheduler, self.lr_warmup_steps)
+        if problem:
+            raise ValueError(f"train.optimizer.type {problem}")
+        return self
 
 
 class SaveConfig(Strict):
@@ -226,13 +279,23 @@ class EvalConfig(Strict):
 class GroupConfig(Strict):
     """Optimizer and LR schedule of one component group inside a pipeline step."""
 
-    type: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    type: OptimizerName = "adamw"
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    params: dict[str, Any] = Field(default_factory=dict, description="extra optimizer constructor arguments")
+    lr_scheduler: SchedulerName = "constant"
     lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_cycles: int = Field(default=1, ge=1)
+    lr_power: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _schedule_allowed(self) -> GroupConfig:
+        problem = schedule_conflict(self.type, self.params, self.lr_scheduler, self.lr_warmup_steps)
+        if problem:
+            raise ValueError(f"type {problem}")
+        return self
 
 
 class TransitionConfig(Strict):

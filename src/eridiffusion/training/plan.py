@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from eridiffusion.config.load import ConfigError
-from eridiffusion.config.schema import JobConfig
+from eridiffusion.config.schema import JobConfig, OptimizerConfig
 from eridiffusion.inference.samplers import check_sampler, resolve_sampler
 from eridiffusion.models.protocol import ModelFamily
 from eridiffusion.training.loop import load_or_build
+from eridiffusion.training.optim import optimizer_problems
 from eridiffusion.training.pipeline import StagePlan, estimate_images, plan_stages, stage_parameter_counts
 
 
 def describe_plan(cfg: JobConfig) -> str:
     """The plan as text; raises ConfigError listing every problem found."""
     images, problems = estimate_images(cfg.datasets, "datasets")
+    problems += _optimizer_problems(cfg)
     for where, name in (("sample.sampler", cfg.sample.sampler), ("eval.sampler", cfg.eval.sampler)):
         try:
             resolve_sampler(name)
@@ -81,3 +83,13 @@ def _describe_pipeline(cfg: JobConfig, family: ModelFamily, plans: list[StagePla
         lines.append(f"      frozen: {', '.join(frozen) or 'nothing'}")
     lines.append(f"  total: up to {total} optimizer steps; checkpoints every {cfg.save.every} steps")
     return "\n".join(lines)
+
+
+def _optimizer_problems(cfg: JobConfig) -> list[str]:
+    """Missing optimizer packages and constructor arguments the optimizer does not take, per YAML path."""
+    problems = optimizer_problems(cfg.train.optimizer)
+    for i, stage in enumerate(cfg.pipeline.steps if cfg.pipeline else []):
+        for comp, g in stage.optimizers.items():
+            group = OptimizerConfig(type=g.type, params=g.params)
+            problems += optimizer_problems(group, f"pipeline.steps[{i}].optimizers.{comp}")
+    return problems
