@@ -42,6 +42,9 @@ class ModelConfig(Strict):
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         default=None, description="override the checkpoint's prediction type (SD1.5/SDXL); null keeps it"
     )
+    quantize: Literal["none", "fp8", "int8", "int4", "nf4"] = Field(
+        default="none", description="weight-only quantisation of the frozen base model (not available yet)"
+    )
 
 
 class NetworkConfig(Strict):
@@ -165,6 +168,9 @@ class SaveConfig(Strict):
     keep: int = Field(default=3, ge=1, description="how many step checkpoints to keep")
     resume: bool | str = Field(
         default=True, description="true: resume from the latest checkpoint if any; a path: resume from it"
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="extra text metadata written into exported adapter files"
     )
 
 

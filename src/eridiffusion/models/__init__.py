@@ -16,6 +16,7 @@ from typing import Any
 
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.flux import FluxFamily
+from eridiffusion.models.hub import resolve_model_path
 from eridiffusion.models.protocol import Conditioning, ModelFamily, NoiseObjective
 from eridiffusion.models.sd3 import SD3Family
 from eridiffusion.models.sd15 import SD15Family
@@ -89,11 +90,11 @@ def detect_arch(path: Path) -> str:
     raise ValueError(f"'{path}' matches several families {found}; set model.arch to pick one")
 
 
-def load_family(path: str | Path, cfg: ModelConfig | None = None) -> ModelFamily:
-    """Load a local model folder or single file offline; the family comes from ``cfg.arch`` or the files."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path '{path}' does not exist")
+def load_family(path: str | Path, cfg: ModelConfig | None = None, where: str | None = None) -> ModelFamily:
+    """Load a local model folder or single file offline (a Hub id from the local cache); the family comes
+    from ``cfg.arch`` or the files. ``where`` names the setting in errors (default: model.name_or_path when
+    a config is given)."""
+    path = resolve_model_path(path, where or ("model.name_or_path" if cfg is not None else "model path"))
     cfg = cfg or ModelConfig(name_or_path=str(path))
     arch = cfg.arch or detect_arch(path)
     if arch not in FAMILIES:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eridiffusion.config.load import ConfigError
+from eridiffusion.config.load import ConfigError, unsupported_settings
 from eridiffusion.config.schema import JobConfig, OptimizerConfig
 from eridiffusion.inference.samplers import check_sampler, resolve_sampler
 from eridiffusion.models.protocol import ModelFamily
@@ -14,7 +14,7 @@ from eridiffusion.training.pipeline import StagePlan, estimate_images, plan_stag
 def describe_plan(cfg: JobConfig) -> str:
     """The plan as text; raises ConfigError listing every problem found."""
     images, problems = estimate_images(cfg.datasets, "datasets")
-    problems += _optimizer_problems(cfg)
+    problems += _optimizer_problems(cfg) + unsupported_settings(cfg)
     for where, name in (("sample.sampler", cfg.sample.sampler), ("eval.sampler", cfg.eval.sampler)):
         try:
             resolve_sampler(name)
