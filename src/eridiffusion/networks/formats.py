@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 from torch import nn
 
 from eridiffusion.models.protocol import AdapterAliases, FusedLayer, ModelFamily
+from eridiffusion.networks.metadata import weight_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +176,9 @@ def save_adapter(
             raise ValueError(f"unknown adapter format {fmt!r}; use kohya or diffusers")
     out = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in out.items()}
     meta = {**metadata, "format": "pt", "eri_format": fmt}
+    if any(k.startswith("ss_") for k in meta):  # kohya-style files carry hashes of these very weights
+        training = {k: v for k, v in meta.items() if k.startswith("ss_")}
+        meta.update(weight_hashes(save_bytes(out, metadata=training)))
     tmp = path.with_name(f".tmp-{path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, tmp, metadata=meta)
