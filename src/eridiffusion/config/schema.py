@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -243,14 +243,21 @@ class DatasetConfig(Strict):
     def resolutions(self) -> list[int]:
         return [self.resolution] if isinstance(self.resolution, int) else list(self.resolution)
 
+    @field_validator("resolution")
+    @classmethod
+    def _sizes(cls, value: int | list[int]) -> int | list[int]:
+        """Checked on the field itself so the error names ``datasets[i].resolution``."""
+        sizes = [value] if isinstance(value, int) else list(value)
+        if not sizes or any(r < 8 for r in sizes):
+            raise ValueError("must be >= 8 (or a non-empty list of such)")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError("lists a size more than once; list each size once")
+        return value
+
     @model_validator(mode="after")
     def _coherent(self) -> DatasetConfig:
         if (self.folder_path is None) == (self.shards is None):
             raise ValueError("set exactly one of folder_path (a folder of images) or shards (.tar files)")
-        if not self.resolutions or any(r < 8 for r in self.resolutions):
-            raise ValueError(f"resolution must be >= 8 (or a non-empty list of such), got {self.resolution}")
-        if len(set(self.resolutions)) != len(self.resolutions):
-            raise ValueError(f"resolution lists {self.resolution} with repeats; list each size once")
         if self.synthetic is not None and self.folder_path is None:
             raise ValueError("synthetic needs folder_path (the folder it generates into)")
         if (self.bucket_no_upscale or self.bucket_step is not None) and not self.enable_buckets:

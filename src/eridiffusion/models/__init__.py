@@ -46,6 +46,9 @@ class FamilyEntry:
     """Does this folder or single file hold this family?"""
     load_options: bool = False
     """Does ``load`` honour ``model.options`` (e.g. the flow-matching training settings of sd3/flux)?"""
+    flow_matching: bool = False
+    """Is its objective rectified flow (so eps/v-only settings such as min-SNR do not apply)? Lets
+    ``eri validate`` judge such settings before loading any weight."""
 
 
 def _tiny_build(options: dict[str, Any], seed: int) -> ModelFamily:
@@ -64,8 +67,12 @@ FAMILIES: dict[str, FamilyEntry] = {
     ),
     "sd15": FamilyEntry("sd15", SD15Family.build, SD15Family.load, SD15Family.detect),
     "sdxl": FamilyEntry("sdxl", SDXLFamily.build, SDXLFamily.load, SDXLFamily.detect),
-    "sd3": FamilyEntry("sd3", SD3Family.build, SD3Family.load, SD3Family.detect, load_options=True),
-    "flux": FamilyEntry("flux", FluxFamily.build, FluxFamily.load, FluxFamily.detect, load_options=True),
+    "sd3": FamilyEntry(
+        "sd3", SD3Family.build, SD3Family.load, SD3Family.detect, load_options=True, flow_matching=True
+    ),
+    "flux": FamilyEntry(
+        "flux", FluxFamily.build, FluxFamily.load, FluxFamily.detect, load_options=True, flow_matching=True
+    ),
 }
 
 

@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
-from eridiffusion.config.load import ConfigError, unsupported_settings
-from eridiffusion.config.schema import JobConfig, OptimizerConfig
-from eridiffusion.inference.samplers import check_sampler, resolve_sampler
+import torch
+
+from eridiffusion.config.load import ConfigError
+from eridiffusion.config.schema import JobConfig
+from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models.protocol import ModelFamily
 from eridiffusion.training.loop import load_or_build
-from eridiffusion.training.optim import optimizer_problems
-from eridiffusion.training.pipeline import StagePlan, estimate_images, plan_stages, stage_parameter_counts
+from eridiffusion.training.losses import min_snr_problem
+from eridiffusion.training.pipeline import StagePlan, plan_stages, stage_parameter_counts
+from eridiffusion.training.preflight import preflight_problems
 
 
 def describe_plan(cfg: JobConfig) -> str:
-    """The plan as text; raises ConfigError listing every problem found."""
-    images, problems = estimate_images(cfg.datasets, "datasets")
-    problems += _optimizer_problems(cfg) + unsupported_settings(cfg)
-    for where, name in (("sample.sampler", cfg.sample.sampler), ("eval.sampler", cfg.eval.sampler)):
-        try:
-            resolve_sampler(name)
-        except ValueError as exc:
-            problems.append(f"{where}: {exc}")
+    """The plan as text; raises ConfigError listing every problem found.
+
+    Weight-free checks run first (see :mod:`preflight`) and stop the plan before any model is read. A
+    model built from scratch is then built on the meta device (shapes only, no memory, full size in a
+    second); a model loaded from a path is read as training would read it.
+    """
+    images, problems = preflight_problems(cfg)
+    if problems:
+        raise ConfigError("config problems:\n" + "\n".join(f"  {p}" for p in problems))
     family = None
     try:
-        family = load_or_build(cfg)
+        if cfg.model.name_or_path:
+            family = load_or_build(cfg)
+        else:
+            with torch.device("meta"):
+                family = load_or_build(cfg)
     except (ValueError, FileNotFoundError) as exc:
         problems.append(f"model: {exc}")
-    if family is not None and cfg.sample.prompts:
-        try:
-            check_sampler(cfg.sample.sampler, family.objective.prediction_type)
-        except ValueError as exc:
-            problems.append(f"sample.sampler: {exc}")
+    if family is not None:
+        problems += _family_problems(cfg, family)
     plans = []
     if family is not None and cfg.pipeline is not None:
         plans, stage_problems = plan_stages(cfg, family)
@@ -85,11 +90,21 @@ def _describe_pipeline(cfg: JobConfig, family: ModelFamily, plans: list[StagePla
     return "\n".join(lines)
 
 
-def _optimizer_problems(cfg: JobConfig) -> list[str]:
-    """Missing optimizer packages and constructor arguments the optimizer does not take, per YAML path."""
-    problems = optimizer_problems(cfg.train.optimizer)
-    for i, stage in enumerate(cfg.pipeline.steps if cfg.pipeline else []):
-        for comp, g in stage.optimizers.items():
-            group = OptimizerConfig(type=g.type, params=g.params)
-            problems += optimizer_problems(group, f"pipeline.steps[{i}].optimizers.{comp}")
+def _family_problems(cfg: JobConfig, family: ModelFamily) -> list[str]:
+    """What training checks once the model exists: sampler vs objective, image sizes vs the model."""
+    problems = []
+    if cfg.sample.prompts:
+        try:
+            check_sampler(cfg.sample.sampler, family.objective.prediction_type)
+        except ValueError as exc:
+            problems.append(f"sample.sampler: {exc}")
+    snr_problem = min_snr_problem(family.objective.prediction_type)
+    if cfg.train.min_snr_gamma is not None and snr_problem:
+        problems.append(snr_problem)
+    for i, d in enumerate(cfg.datasets):
+        for resolution in d.resolutions:
+            try:
+                family.check_size(resolution, resolution)
+            except ValueError as exc:
+                problems.append(f"datasets[{i}].resolution: {exc}")
     return problems
