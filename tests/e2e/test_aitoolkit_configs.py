@@ -101,7 +101,6 @@ def test_flux_mapping_is_printed(example: Path, capsys: pytest.CaptureFixture) -
         "config.process[0].model.quantize -> model.quantize = 'fp8'",
         "config.process[0].sample.sampler -> sample.sampler = 'flow_euler'",
         "config.process[0].sample.neg -> sample.negative_prompt = ''",
-        "config.process[0].sample.prompts -> sample.prompts = [10 items]",
         "config.process[0].train.train_unet: True is what eri does anyway",
         "config.process[0].sample.width: not applied (only how sample images look",
         "meta.name -> save.metadata.name = 'my_first_flux_lora_v1'",

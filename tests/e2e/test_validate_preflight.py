@@ -11,7 +11,8 @@ import torch
 
 from eridiffusion import __version__
 from eridiffusion.cli import EXIT_USER_ERROR, main
-from tests.conftest import tiny_job, write_yaml
+from eridiffusion.models import build_family, load_family
+from tests.conftest import TINY_OPTIONS, tiny_job, write_yaml
 
 
 def validate(
@@ -107,3 +108,24 @@ def test_full_size_preset_is_planned_on_the_meta_device(
     assert code == 0, err
     denoiser = next(line for line in out.splitlines() if "denoiser:" in line)
     assert int(denoiser.split(":")[1].split("params")[0].replace(",", "")) > 11_000_000_000  # Flux.1-dev size
+
+
+@pytest.mark.parametrize(
+    ("arch", "layout"), [("tiny", "folder"), ("sd15", "folder"), ("sdxl", "single"), ("sd3", "single")]
+)
+def test_loaded_models_plan_with_their_real_shapes(
+    arch: str, layout: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Folders are planned from their config files on the meta device; single files are read; either way
+    the plan counts what loading for training gives."""
+    family = build_family(arch, dict(TINY_OPTIONS) if arch == "tiny" else {"preset": "tiny"})
+    model = tmp_path / ("model" if layout == "folder" else "model.safetensors")
+    family.save_pretrained(model) if layout == "folder" else family.save_single_file(model)
+    job = tiny_job(tmp_path, model={"name_or_path": str(model)})
+    job["datasets"][0]["resolution"] = 32
+    code, out, err = validate(tmp_path, job, capsys)
+    assert code == 0 and "translated" not in err, err
+    loaded = load_family(model)
+    for name, module in loaded.modules().items():
+        assert f"    {name}: {sum(p.numel() for p in module.parameters()):,} params" in out
+    assert f"objective {loaded.objective.prediction_type}" in out

@@ -149,7 +149,7 @@ def _sample_prompts(t: Translation, src: str, section: str, value: Any) -> None:
         extra = sorted(set(item) - {"prompt"}) if isinstance(item, dict) else []
         if extra:
             t.ignore(f"{src}[{i}].{'/'.join(extra)}", "per-prompt sample settings are not supported yet")
-    t.put(src, f"{section}.prompts", prompts)
+    t.put(src, f"{section}.prompts", prompts, note=not src.endswith(".prompts") or prompts != value)
 
 
 def _disable_sampling(t: Translation, src: str, section: str, value: Any) -> None:

@@ -106,7 +106,8 @@ def move(dst: str, convert: Callable[[Any], Any] | None = None) -> Handler:
         except ValueError as exc:
             t.refuse(src, str(exc))
             return
-        t.put(src, target, converted)
+        renamed = src.rsplit(".", 1)[-1] != target.rsplit(".", 1)[-1]
+        t.put(src, target, converted, note=renamed or converted != value)
 
     return handle
 

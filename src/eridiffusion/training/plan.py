@@ -7,6 +7,7 @@ import torch
 from eridiffusion.config.load import ConfigError
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.inference.samplers import check_sampler
+from eridiffusion.models.meta import weightless_loading
 from eridiffusion.models.protocol import ModelFamily
 from eridiffusion.training.loop import load_or_build
 from eridiffusion.training.losses import min_snr_problem
@@ -17,20 +18,17 @@ from eridiffusion.training.preflight import preflight_problems
 def describe_plan(cfg: JobConfig) -> str:
     """The plan as text; raises ConfigError listing every problem found.
 
-    Weight-free checks run first (see :mod:`preflight`) and stop the plan before any model is read. A
-    model built from scratch is then built on the meta device (shapes only, no memory, full size in a
-    second); a model loaded from a path is read as training would read it.
+    Weight-free checks run first (see :mod:`preflight`) and stop the plan before any model is read. The
+    model is then built on the meta device: from scratch, or from a diffusers folder's config files
+    (shapes only, no memory, full size in a second); a single-file checkpoint is read as training reads it.
     """
     images, problems = preflight_problems(cfg)
     if problems:
         raise ConfigError("config problems:\n" + "\n".join(f"  {p}" for p in problems))
     family = None
     try:
-        if cfg.model.name_or_path:
+        with torch.device("meta"), weightless_loading():
             family = load_or_build(cfg)
-        else:
-            with torch.device("meta"):
-                family = load_or_build(cfg)
     except (ValueError, FileNotFoundError) as exc:
         problems.append(f"model: {exc}")
     if family is not None:
