@@ -160,3 +160,54 @@ def test_train_refuses_quantize_before_loading(tmp_path: Path, capsys: pytest.Ca
     assert main(["train", str(write_yaml(tmp_path / "job.yaml", job))]) == EXIT_USER_ERROR
     assert "model.quantize: 'nf4': quantisation is not implemented yet (issue #12)" in capsys.readouterr().err
     assert not (tmp_path / "output").exists()  # refused before anything ran
+
+
+def test_train_runs_an_aitoolkit_job_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`eri train` takes the job file itself (here on the tiny family, built from scratch, on the CPU)."""
+    from tests.conftest import TINY_OPTIONS
+
+    job = {
+        "job": "extension",
+        "config": {
+            "name": "aitk_tiny",
+            "process": [
+                {
+                    "type": "sd_trainer",
+                    "training_folder": str(tmp_path / "output"),
+                    "device": "cpu",
+                    "trigger_word": "p3r5on",
+                    "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+                    "save": {"dtype": "float16", "save_every": 2, "max_step_saves_to_keep": 1},
+                    "datasets": [
+                        {
+                            "folder_path": str(tmp_path / "shapes"),
+                            "caption_ext": "txt",
+                            "resolution": [16],
+                            "synthetic": {"kind": "shapes", "n": 8, "resolution": 16},
+                        }
+                    ],
+                    "train": {
+                        "batch_size": 4,
+                        "steps": 2,
+                        "gradient_accumulation": 1,
+                        "train_unet": True,
+                        "optimizer": "AdamW",
+                        "lr": 1e-3,
+                        "ema_config": {"use_ema": False},
+                        "dtype": "fp32",
+                    },
+                    "model": {"arch": "tiny", "options": TINY_OPTIONS, "quantize": False},
+                    "sample": {"sampler": "ddim", "sample_every": 100, "prompts": [], "sample_steps": 2},
+                    "logging": {"log_every": 1, "use_wandb": False},
+                }
+            ],
+        },
+        "meta": {"name": "[name]", "version": "1.0"},
+    }
+    path = tmp_path / "aitk.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "config.process[0].train.optimizer -> train.optimizer.type = 'adamw'" in out.err
+    assert "trained aitk_tiny: 2 steps" in out.out
+    assert (tmp_path / "output" / "aitk_tiny" / "aitk_tiny.safetensors").is_file()

@@ -11,7 +11,7 @@ from torch import nn
 
 from eridiffusion.cli import EXIT_USER_ERROR, main
 from eridiffusion.config.schema import OptimizerConfig, TrainConfig
-from eridiffusion.training.optim import build_optimizer, eval_mode, optimizer_problems
+from eridiffusion.training.optim import OPTIMIZERS, build_optimizer, eval_mode, optimizer_problems
 from tests.conftest import tiny_job, write_yaml
 
 
@@ -94,6 +94,7 @@ def test_optional_optimizer_missing_says_what_to_install(
     kind: str, module: str, package: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    monkeypatch.setitem(sys.modules, OPTIMIZERS[kind].module, None)  # also when already imported
     with pytest.raises(
         ValueError, match=f"train.optimizer.type={kind} needs {package}: pip install {package}"
     ):
