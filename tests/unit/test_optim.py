@@ -190,3 +190,14 @@ def test_validate_lists_optimizer_problems_with_their_paths(
         "train.optimizer.params.beta: Lion has no argument 'beta'; it takes: args, betas"
         in capsys.readouterr().err
     )
+
+
+def test_pipeline_jobs_refuse_settings_their_steps_would_drop(tmp_path: Path) -> None:
+    from eridiffusion.config import ConfigError, validate_config
+
+    job = tiny_job(tmp_path)
+    job["pipeline"] = {"steps": [{"name": "a", "trainable": ["denoiser"], "max_steps": 1}]}
+    validate_config(job)
+    job["train"]["optimizer"] = {"type": "prodigy", "params": {"d_coef": 2}}
+    with pytest.raises(ConfigError, match="pipeline steps do not apply train.optimizer.params"):
+        validate_config(job)

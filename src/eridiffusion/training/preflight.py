@@ -61,8 +61,9 @@ def _optimizer_problems(cfg: JobConfig) -> list[str]:
     problems = optimizer_problems(cfg.train.optimizer)
     for i, stage in enumerate(cfg.pipeline.steps if cfg.pipeline else []):
         for comp, g in stage.optimizers.items():
-            group = OptimizerConfig(type=g.type, params=g.params)
-            problems += optimizer_problems(group, f"pipeline.steps[{i}].optimizers.{comp}")
+            problems += optimizer_problems(
+                OptimizerConfig(type=g.type), f"pipeline.steps[{i}].optimizers.{comp}"
+            )
     return problems
 
 
