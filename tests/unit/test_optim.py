@@ -201,3 +201,8 @@ def test_pipeline_jobs_refuse_settings_their_steps_would_drop(tmp_path: Path) ->
     job["train"]["optimizer"] = {"type": "prodigy", "params": {"d_coef": 2}}
     with pytest.raises(ConfigError, match="pipeline steps do not apply train.optimizer.params"):
         validate_config(job)
+
+
+def test_prodigy_with_a_small_lr_warns(caplog: pytest.LogCaptureFixture) -> None:
+    build_optimizer(dict(Net().named_parameters()), OptimizerConfig(type="prodigy"), lr=1e-4)
+    assert "prodigy estimates the step size itself and expects train.lr near 1.0" in caplog.text

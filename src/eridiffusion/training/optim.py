@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from eridiffusion.config.schema import SCHEDULE_FREE, OptimizerConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,12 @@ def build_optimizer(
     ]
     groups = [g for g in groups if g["params"]]
     cls = optimizer_class(cfg.type, where)
+    if cfg.type == "prodigy" and lr < 0.1:
+        logger.warning(
+            "prodigy estimates the step size itself and expects train.lr near 1.0; lr %g scales its estimate "
+            "down and will train very slowly",
+            lr,
+        )
     try:
         optimizer = cls(groups, **_kwargs(cfg, lr))
     except (TypeError, ValueError) as exc:
