@@ -85,3 +85,16 @@ def test_unknown_native_key_still_reported_by_the_schema(tmp_path: Path) -> None
     job["train"]["learning_rat"] = 1.0
     with pytest.raises(ConfigError, match=r"train.learning_rat: unknown key; allowed keys here"):
         load_config(write_yaml(tmp_path / "job.yaml", job))
+
+
+def test_translated_option_merges_with_written_options(tmp_path: Path) -> None:
+    job = tiny_job(tmp_path)
+    job["model"] = {"arch": "flux", "options": {"preset": "tiny"}}
+    job["train"]["timestep_type"] = "sigmoid"
+    cfg = load_config(write_yaml(tmp_path / "job.yaml", job))
+    assert cfg.model.options == {"preset": "tiny", "timestep_sampling": "logit_normal"}
+    job["model"]["options"]["timestep_sampling"] = "mode"
+    with pytest.raises(
+        ConfigError, match=r"train.timestep_type: sets model.options.timestep_sampling, as another key"
+    ):
+        load_config(write_yaml(tmp_path / "job.yaml", job))

@@ -75,11 +75,21 @@ class Translation:
         if dst in self.sources and self.sources[dst] != src:
             self.refuse(src, f"sets {dst}, as {self.sources[dst]} does; keep one of them")
             return
-        self.sources[dst] = src
         node = self.out
         parts = dst.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+        existing = node.get(parts[-1])
+        if isinstance(existing, dict) and isinstance(value, dict):  # e.g. model.options after a translated
+            clash = sorted(k for k in existing if k in value and existing[k] != value[k])  # options key
+            if clash:
+                self.refuse(src, f"sets {dst}.{clash[0]}, as another key of this file does; keep one of them")
+                return
+            value = {**value, **existing}
+        elif existing is not None and existing != value:  # set inside a section another key wrote whole
+            self.refuse(src, f"sets {dst}, as another key of this file does; keep one of them")
+            return
+        self.sources[dst] = src
         node[parts[-1]] = value
         if note:
             shown = f"[{len(value)} items]" if isinstance(value, list) and len(value) > 3 else repr(value)
