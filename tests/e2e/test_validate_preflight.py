@@ -11,7 +11,9 @@ import torch
 
 from eridiffusion import __version__
 from eridiffusion.cli import EXIT_USER_ERROR, main
+from eridiffusion.config.schema import NetworkConfig
 from eridiffusion.models import build_family, load_family
+from eridiffusion.networks import attach_network, export_network
 from tests.conftest import TINY_OPTIONS, tiny_job, write_yaml
 
 
@@ -129,3 +131,26 @@ def test_loaded_models_plan_with_their_real_shapes(
     for name, module in loaded.modules().items():
         assert f"    {name}: {sum(p.numel() for p in module.parameters()):,} params" in out
     assert f"objective {loaded.objective.prediction_type}" in out
+
+
+def test_network_is_planned_on_meta_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The adapter is attached to the meta model: its size is reported, and targets matching no layer or an
+    init_from file of another rank are found before training."""
+    job = tiny_job(tmp_path, network={"type": "lora", "linear": 4, "linear_alpha": 4})
+    code, out, err = validate(tmp_path, job, capsys)
+    assert code == 0, err
+    family = build_family("tiny", dict(TINY_OPTIONS))
+    attached = attach_network(family, NetworkConfig(type="lora", linear=4, linear_alpha=4), True)
+    assert (
+        f"  network: lora rank 4 (alpha 4): {sum(p.numel() for p in attached.values()):,} params trained"
+        in out
+    )
+    assert "    denoiser: " in out and "(adapted)" in out
+
+    lora = export_network(family, NetworkConfig(linear=4), tmp_path / "r4.safetensors", "kohya", "fp32", {})
+    job["network"] = {"type": "lora", "linear": 8, "init_from": str(lora)}
+    code, _, err = validate(tmp_path, job, capsys)
+    assert code == EXIT_USER_ERROR and f"network.init_from: '{lora}' does not fit this network config" in err
+    job["network"] = {"type": "lora", "only_if_contains": ["no_such_layer"]}
+    code, _, err = validate(tmp_path, job, capsys)
+    assert code == EXIT_USER_ERROR and "network: no layer of the tiny denoiser matches" in err
