@@ -17,14 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from eridiffusion import __version__
-from eridiffusion.config import (
-    ConfigError,
-    JobConfig,
-    load_config,
-    translated_yaml,
-    unsupported_settings,
-    validate_config,
-)
+from eridiffusion.config import ConfigError, JobConfig, load_config, unsupported_settings
+from eridiffusion.config.load import import_config
 
 if TYPE_CHECKING:
     from eridiffusion.inference.memory import MemoryOptions
@@ -72,21 +66,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_config_import(args: argparse.Namespace) -> int:
-    """Write an ai-toolkit job file (or a config using aliases) as an eri config, validated first."""
-    import yaml
-
-    src, dst = Path(args.file), Path(args.to)
-    notes: list[str] = []
-    data = translated_yaml(src, notes)
-    validate_config(data, str(src))
-    if dst.exists() and not args.force:
-        raise FileExistsError(f"'{dst}' exists; pass --force to overwrite it")
-    header = f"# translated from {src} by `eri config import`; check it with `eri validate {dst}`\n"
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(dst)
-    print("\n".join(notes) if notes else f"{src}: nothing to translate")
-    print(f"wrote {dst}")
+    print("\n".join(import_config(Path(args.file), Path(args.to), args.force)))
     return 0
 
 

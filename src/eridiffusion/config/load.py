@@ -203,3 +203,18 @@ def validate_config(data: dict[str, Any], source: str = "<config>") -> JobConfig
 def dump_config(cfg: JobConfig) -> str:
     """The resolved config as YAML (written next to checkpoints so a run is reproducible)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def import_config(src: Path, dst: Path, force: bool = False) -> list[str]:
+    """``eri config import``: write an ai-toolkit job file (or a config using aliases) as an eri config,
+    validated first and written atomically; returns the translation notes and what was written."""
+    notes: list[str] = []
+    data = translated_yaml(src, notes)
+    validate_config(data, str(src))
+    if dst.exists() and not force:
+        raise FileExistsError(f"'{dst}' exists; pass --force to overwrite it")
+    header = f"# translated from {src} by `eri config import`; check it with `eri validate {dst}`\n"
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(dst)
+    return [*(notes or [f"{src}: nothing to translate"]), f"wrote {dst}"]
