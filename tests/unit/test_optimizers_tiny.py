@@ -4,16 +4,18 @@ bit-identical weights to never stopping (what resume from a checkpoint relies on
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from eridiffusion.cli import main
 from eridiffusion.config.schema import OptimizerConfig
 from eridiffusion.models import ModelFamily, build_family
 from eridiffusion.training.optim import build_optimizer
-from tests.conftest import TINY_OPTIONS
+from tests.conftest import TINY_OPTIONS, tiny_job, write_yaml
 
 CASES: list[tuple[str, dict[str, Any], float]] = [
     ("adamw", {}, 1e-3),
@@ -81,3 +83,27 @@ def test_trains_tiny_and_resumes_exactly(kind: str, params: dict[str, Any], lr: 
     steps(family2, opt2, range(3, 6))
     for name, p in weights.items():
         assert torch.equal(p, weights2[name]), f"{kind}: {name} differs after resume"
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"type": "adamw_schedulefree"},
+        {"type": "adafactor", "params": {"relative_step": True}},
+        {"type": "lion8bit"},
+    ],
+    ids=["schedulefree", "adafactor-relative", "lion8bit"],
+)
+def test_eri_train_runs_with_the_optimizer(
+    optimizer: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The current training loop drives each kind (schedule-free needs train mode, relative-step Adafactor
+    ignores the loop's LR) and writes a checkpoint whose optimizer state a resumed run loads."""
+    job = tiny_job(tmp_path)
+    job["train"].update(steps=2, lr_warmup_steps=0, optimizer=optimizer)
+    write_yaml(tmp_path / "job.yaml", job)
+    assert main(["train", str(tmp_path / "job.yaml")]) == 0
+    assert "trained t: 2 steps" in capsys.readouterr().out
+    path = str(tmp_path / "job.yaml")
+    assert main(["train", path, "train.steps=3"]) == 0  # resumes: the saved optimizer state loads back
+    assert "trained t: 3 steps" in capsys.readouterr().out
