@@ -16,7 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from eridiffusion.config import ConfigError, JobConfig, load_config
+from eridiffusion import __version__
+from eridiffusion.config import ConfigError, JobConfig, load_config, unsupported_settings
+from eridiffusion.config.load import import_config
 
 if TYPE_CHECKING:
     from eridiffusion.inference.memory import MemoryOptions
@@ -31,9 +33,18 @@ def embedded_config_path(name: str = "quickstart") -> Path:
     return Path(str(resources.files("eridiffusion") / "configs" / f"{name}.yaml"))
 
 
-def _load(config: str, overrides: list[str]) -> JobConfig:
+def _load(config: str, overrides: list[str], refuse_unsupported: bool = True) -> JobConfig:
+    """Load (translating ai-toolkit files and aliases, the mapping printed once to stderr) and, unless told
+    otherwise, refuse settings training cannot honour yet before any weight is read."""
     path = embedded_config_path() if config == "quickstart" and not Path(config).exists() else Path(config)
-    return load_config(path, overrides)
+    notes: list[str] = []
+    cfg = load_config(path, overrides, notes)
+    if notes:
+        print("\n".join(notes), file=sys.stderr)
+    problems = unsupported_settings(cfg) if refuse_unsupported else []
+    if problems:
+        raise ConfigError(f"{path}: cannot train this config yet:\n" + "\n".join(f"  {p}" for p in problems))
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -109,8 +120,13 @@ def _launch(processes: int, argv: list[str]) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from eridiffusion.training.plan import describe_plan
 
-    cfg = _load(args.config, args.overrides)
+    cfg = _load(args.config, args.overrides, refuse_unsupported=False)  # describe_plan lists them all
     print(describe_plan(cfg))
+    return 0
+
+
+def cmd_config_import(args: argparse.Namespace) -> int:
+    print("\n".join(import_config(Path(args.file), Path(args.to), args.force)))
     return 0
 
 
@@ -398,6 +414,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eri", description="Train and serve image diffusion models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"eri (eridiffusion) {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -418,6 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check CONFIG and print the training plan without training")
     with_config(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("config", help="config files from other trainers")
+    config_sub = p.add_subparsers(dest="action", required=True)
+    imp = config_sub.add_parser("import", help="translate an ai-toolkit job file into an eri config")
+    imp.add_argument("file", help="ai-toolkit job file (job: extension) or an eri config using aliases")
+    imp.add_argument("--to", required=True, help="eri config to write")
+    imp.add_argument("--force", action="store_true", help="overwrite --to if it exists")
+    imp.set_defaults(func=cmd_config_import)
 
     p = sub.add_parser("quickstart", help="the embedded default: train tiny on synthetic shapes, then eval")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for the embedded config")

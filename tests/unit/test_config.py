@@ -72,7 +72,7 @@ def test_minimal_config_fills_defaults() -> None:
         (
             minimal(train={"optimizer": {"typ": "sgd"}}),
             "train.optimizer.typ",
-            "betas, eps, type, weight_decay",
+            "betas, eps, params, type, weight_decay",
         ),
         (minimal(train={"ema": {"decy": 0.9}}), "train.ema.decy", "decay, enabled, warmup"),
         (
@@ -105,7 +105,8 @@ def test_model_options_accept_family_specific_keys() -> None:
 
 def test_bad_literal_lists_allowed_values() -> None:
     msg = error_of(minimal(train={"optimizer": {"type": "adam"}}))
-    assert "train.optimizer.type: Input should be 'adamw', 'adamw8bit' or 'sgd' (got 'adam')" in msg
+    assert "train.optimizer.type: Input should be 'adamw', 'adamw8bit', 'sgd', 'prodigy', " in msg
+    assert "'adamw_schedulefree' or 'came' (got 'adam')" in msg
 
 
 def test_bad_literal_in_list_item_names_index() -> None:
@@ -157,10 +158,19 @@ def test_mixed_and_multiple_resolutions_accepted() -> None:
     datasets = [{"folder_path": "a", "resolution": 64}, {"folder_path": "b", "resolution": [32, 64]}]
     cfg = JobConfig.model_validate(minimal(datasets=datasets))
     assert [d.resolutions for d in cfg.datasets] == [[64], [32, 64]]
-    assert "resolution lists [32, 32] with repeats" in error_of(
+    assert "datasets[0].resolution: Value error, lists a size more than once" in error_of(
         minimal(datasets=[{"folder_path": "a", "resolution": [32, 32]}])
     )
-    assert "resolution must be >= 8" in error_of(minimal(datasets=[{"folder_path": "a", "resolution": [4]}]))
+    msg = error_of(minimal(datasets=[{"folder_path": "a", "resolution": [4]}]))
+    assert "datasets[0].resolution: Value error, must be >= 8" in msg
+
+
+def test_negative_resolution_names_its_yaml_path() -> None:
+    msg = error_of(minimal(datasets=[{"folder_path": "a"}, {"folder_path": "b", "resolution": -512}]))
+    assert (
+        "  datasets[1].resolution: Value error, must be >= 8 (or a non-empty list of such) (got -512)\n"
+        in msg + "\n"
+    )
 
 
 @pytest.mark.parametrize(

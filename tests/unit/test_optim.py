@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from eridiffusion.config.schema import OptimizerConfig
-from eridiffusion.training.optim import build_optimizer
+from eridiffusion.cli import EXIT_USER_ERROR, main
+from eridiffusion.config.schema import OptimizerConfig, TrainConfig
+from eridiffusion.training.optim import OPTIMIZERS, build_optimizer, eval_mode, optimizer_problems
+from tests.conftest import tiny_job, write_yaml
 
 
 class Net(nn.Module):
@@ -77,18 +80,129 @@ def test_sgd_uses_first_beta_as_momentum() -> None:
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
 
 
-def test_adamw8bit_without_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
-    with pytest.raises(RuntimeError, match="adamw8bit needs bitsandbytes: pip install bitsandbytes"):
-        build_optimizer(dict(Net().named_parameters()), OptimizerConfig(type="adamw8bit"), lr=1.0)
+@pytest.mark.parametrize(
+    ("kind", "module", "package"),
+    [
+        ("adamw8bit", "bitsandbytes", "bitsandbytes"),
+        ("lion8bit", "bitsandbytes", "bitsandbytes"),
+        ("prodigy", "prodigyopt", "prodigyopt"),
+        ("adamw_schedulefree", "schedulefree", "schedulefree"),
+        ("came", "came_pytorch", "came-pytorch"),
+    ],
+)
+def test_optional_optimizer_missing_says_what_to_install(
+    kind: str, module: str, package: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    monkeypatch.setitem(sys.modules, OPTIMIZERS[kind].module, None)  # also when already imported
+    with pytest.raises(
+        ValueError, match=f"train.optimizer.type={kind} needs {package}: pip install {package}"
+    ):
+        build_optimizer(dict(Net().named_parameters()), OptimizerConfig(type=kind), lr=1.0)
 
 
 def test_unknown_optimizer() -> None:
-    cfg = OptimizerConfig.model_construct(type="lion", weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
-    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+    cfg = OptimizerConfig.model_construct(
+        type="rmsprop", weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8, params={}
+    )
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         build_optimizer(dict(Net().named_parameters()), cfg, lr=1.0)
 
 
 def test_schema_rejects_unknown_optimizer_type() -> None:
-    with pytest.raises(ValueError, match="Input should be 'adamw', 'adamw8bit' or 'sgd'"):
-        OptimizerConfig(type="lion")
+    with pytest.raises(ValueError, match="Input should be 'adamw', 'adamw8bit', 'sgd', 'prodigy'"):
+        OptimizerConfig(type="rmsprop")
+
+
+def test_params_passed_to_the_constructor() -> None:
+    params = dict(Net().named_parameters())
+    opt = build_optimizer(params, OptimizerConfig(type="prodigy", params={"d_coef": 2.0}), lr=1.0)
+    assert [g["d_coef"] for g in opt.param_groups] == [2.0, 2.0]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+
+
+def test_unknown_param_names_the_yaml_path_and_the_choices() -> None:
+    cfg = OptimizerConfig(type="prodigy", params={"d_coeff": 2.0, "lr": 1.0})
+    assert optimizer_problems(cfg) == [
+        "train.optimizer.params.d_coeff: Prodigy has no argument 'd_coeff'; it takes: beta3, betas, d0, "
+        "d_coef, decouple, eps, fsdp_in_use, growth_rate, safeguard_warmup, slice_p, use_bias_correction",
+        "train.optimizer.params.lr: set it as train.lr instead",
+    ]
+    with pytest.raises(ValueError, match="train.optimizer.params.d_coeff: Prodigy has no argument"):
+        build_optimizer(dict(Net().named_parameters()), cfg, lr=1.0)
+
+
+def test_bad_param_value_names_the_section() -> None:
+    cfg = OptimizerConfig(type="sgd", params={"momentum": -1})
+    assert optimizer_problems(cfg) == []  # the name is fine; values are the constructor's to judge
+    with pytest.raises(ValueError, match="train.optimizer: SGD refused its settings: Invalid momentum value"):
+        build_optimizer(dict(Net().named_parameters()), cfg, lr=1.0)
+
+
+def test_adafactor_fixed_lr_and_relative_step() -> None:
+    params = dict(Net().named_parameters())
+    fixed = build_optimizer(params, OptimizerConfig(type="adafactor"), lr=1e-3)
+    assert [(g["lr"], g["relative_step"], g["scale_parameter"]) for g in fixed.param_groups] == [
+        (1e-3, False, False)
+    ] * 2
+    relative = build_optimizer(
+        params, OptimizerConfig(type="adafactor", params={"relative_step": True}), 1e-3
+    )
+    assert [(g["lr"], g["relative_step"]) for g in relative.param_groups] == [(None, True)] * 2
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "schedule"),
+    [
+        ({"type": "adamw_schedulefree"}, {"lr_scheduler": "cosine"}),
+        ({"type": "adamw_schedulefree"}, {"lr_warmup_steps": 10}),
+        ({"type": "adafactor", "params": {"relative_step": True}}, {"lr_scheduler": "linear"}),
+    ],
+)
+def test_optimizers_with_their_own_step_size_refuse_a_schedule(optimizer: dict, schedule: dict) -> None:
+    with pytest.raises(ValueError, match="so it takes no LR schedule: set lr_scheduler: constant"):
+        TrainConfig(optimizer=optimizer, **schedule)
+    TrainConfig(optimizer=optimizer, lr_scheduler="constant_with_warmup")  # no warmup: allowed
+
+
+def test_schedule_free_eval_mode_swaps_in_the_average() -> None:
+    params = {"w": nn.Parameter(torch.ones(3, 3))}
+    opt = build_optimizer(params, OptimizerConfig(type="adamw_schedulefree", weight_decay=0.0), lr=0.1)
+    for _ in range(3):
+        params["w"].grad = torch.ones(3, 3)
+        opt.step()
+    training = params["w"].detach().clone()
+    with eval_mode(opt):
+        averaged = params["w"].detach().clone()
+    assert not torch.equal(training, averaged)
+    torch.testing.assert_close(params["w"].detach(), training)  # back in train mode afterwards
+    with eval_mode(build_optimizer(params, OptimizerConfig(), lr=0.1)):  # a no-op for the others
+        torch.testing.assert_close(params["w"].detach(), training)
+
+
+def test_validate_lists_optimizer_problems_with_their_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    job = tiny_job(tmp_path)
+    job["train"]["optimizer"] = {"type": "lion", "params": {"beta": 0.9}}
+    assert main(["validate", str(write_yaml(tmp_path / "job.yaml", job))]) == EXIT_USER_ERROR
+    assert (
+        "train.optimizer.params.beta: Lion has no argument 'beta'; it takes: args, betas"
+        in capsys.readouterr().err
+    )
+
+
+def test_pipeline_jobs_refuse_settings_their_steps_would_drop(tmp_path: Path) -> None:
+    from eridiffusion.config import ConfigError, validate_config
+
+    job = tiny_job(tmp_path)
+    job["pipeline"] = {"steps": [{"name": "a", "trainable": ["denoiser"], "max_steps": 1}]}
+    validate_config(job)
+    job["train"]["optimizer"] = {"type": "prodigy", "params": {"d_coef": 2}}
+    with pytest.raises(ConfigError, match="pipeline steps do not apply train.optimizer.params"):
+        validate_config(job)
+
+
+def test_prodigy_with_a_small_lr_warns(caplog: pytest.LogCaptureFixture) -> None:
+    build_optimizer(dict(Net().named_parameters()), OptimizerConfig(type="prodigy"), lr=1e-4)
+    assert "prodigy estimates the step size itself and expects train.lr near 1.0" in caplog.text

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from eridiffusion.config.aitoolkit import TranslationError, translate
 from eridiffusion.config.schema import JobConfig
 
 
@@ -150,7 +151,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
             "(is it a YAML file at all?)"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ValueLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -162,11 +163,47 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
-    """Read, override and validate; raise :class:`ConfigError` with every problem listed."""
+def translated_yaml(path: Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """The file as an eri config: ai-toolkit job files and aliases translated (see config.aitoolkit).
+
+    ``notes`` receives one line per translated key, headed by what kind of file it was.
+    """
+    try:
+        data, lines, foreign = translate(read_yaml(path))
+    except TranslationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if notes is not None and lines:
+        kind = "ai-toolkit job file" if foreign else "config aliases"
+        notes.append(f"{path}: {kind} translated (other keys keep their names):")
+        notes.extend(f"  {line}" for line in lines)
+    return data
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = (), notes: list[str] | None = None) -> JobConfig:
+    """Read, translate, override and validate; raise :class:`ConfigError` with every problem listed.
+
+    Overrides use eri's key paths, also for an ai-toolkit file (they apply after its translation).
+    """
     path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides)
+    data = apply_overrides(translated_yaml(path, notes), overrides)
     return validate_config(data, str(path))
+
+
+NOT_YET: dict[str, str] = {
+    "model.quantize": "quantisation is not implemented yet (issue #12); set model.quantize: none "
+    "(or override it: model.quantize=none) and use model.dtype: bf16 to halve the frozen weights",
+}
+
+
+def unsupported_settings(cfg: JobConfig) -> list[str]:
+    """Settings the schema accepts (so ai-toolkit files translate) but training cannot honour yet.
+
+    ``eri validate`` lists them and ``eri train`` refuses them before loading any weight.
+    """
+    problems = []
+    if cfg.model.quantize != "none":
+        problems.append(f"model.quantize: {cfg.model.quantize!r}: {NOT_YET['model.quantize']}")
+    return problems
 
 
 def validate_config(data: dict[str, Any], source: str = "<config>") -> JobConfig:
@@ -179,3 +216,18 @@ def validate_config(data: dict[str, Any], source: str = "<config>") -> JobConfig
 def dump_config(cfg: JobConfig) -> str:
     """The resolved config as YAML (written next to checkpoints so a run is reproducible)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def import_config(src: Path, dst: Path, force: bool = False) -> list[str]:
+    """``eri config import``: write an ai-toolkit job file (or a config using aliases) as an eri config,
+    validated first and written atomically; returns the translation notes and what was written."""
+    notes: list[str] = []
+    data = translated_yaml(src, notes)
+    validate_config(data, str(src))
+    if dst.exists() and not force:
+        raise FileExistsError(f"'{dst}' exists; pass --force to overwrite it")
+    header = f"# translated from {src} by `eri config import`; check it with `eri validate {dst}`\n"
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(dst)
+    return [*(notes or [f"{src}: nothing to translate"]), f"wrote {dst}"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -42,6 +42,9 @@ class ModelConfig(Strict):
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         default=None, description="override the checkpoint's prediction type (SD1.5/SDXL); null keeps it"
     )
+    quantize: Literal["none", "fp8", "int8", "int4", "nf4"] = Field(
+        default="none", description="weight-only quantisation of the frozen base model (not available yet)"
+    )
 
 
 class NetworkConfig(Strict):
@@ -68,11 +71,54 @@ class EMAConfig(Strict):
     warmup: bool = Field(default=True, description="ramp decay as (1+n)/(10+n) so early EMA is not stale")
 
 
+OptimizerName = Literal[
+    "adamw", "adamw8bit", "sgd", "prodigy", "adafactor", "lion", "lion8bit", "adamw_schedulefree", "came"
+]
+SchedulerName = Literal[
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+]
+SCHEDULE_FREE: frozenset[str] = frozenset({"adamw_schedulefree"})
+"""Optimizers that replace the LR schedule with their own averaging (Defazio et al. 2024)."""
+
+
+def schedule_conflict(optimizer: str, params: dict[str, Any], scheduler: str, warmup: int) -> str | None:
+    """Why this optimizer cannot take an external LR schedule, or None when it can.
+
+    Schedule-free AdamW and Adafactor's relative step size compute the step size themselves; a schedule
+    multiplied on top would silently change what the user asked for, so it is refused instead.
+    """
+    owner = None
+    if optimizer in SCHEDULE_FREE:
+        owner = f"{optimizer} is schedule-free (it averages its iterates instead of decaying the LR)"
+    elif optimizer == "adafactor" and params.get("relative_step"):
+        owner = "adafactor with params.relative_step: true computes its own step size"
+    if owner is None or (scheduler in ("constant", "constant_with_warmup") and warmup == 0):
+        return None
+    return (
+        f"{owner}, so it takes no LR schedule: set lr_scheduler: constant and lr_warmup_steps: 0 "
+        "(warm up with optimizer params.warmup_steps for schedule-free AdamW)"
+    )
+
+
 class OptimizerConfig(Strict):
-    type: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    """Optimizer settings; ``params`` go to the optimizer's constructor as written (checked against it)."""
+
+    type: OptimizerName = "adamw"
     weight_decay: float = Field(default=0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field(
+        default=(0.9, 0.999), description="Adam-style betas; Lion/Prodigy use their own unless set here"
+    )
     eps: float = Field(default=1e-8, gt=0)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra constructor arguments, e.g. {d_coef: 2} for prodigy or {relative_step: true}",
+    )
 
 
 class DistributedConfig(Strict):
@@ -98,8 +144,10 @@ class TrainConfig(Strict):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     lr: float = Field(default=1e-4, gt=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: SchedulerName = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0, description="linear warmup before any schedule")
+    lr_cycles: int = Field(default=1, ge=1, description="cosine_with_restarts: number of cosine cycles")
+    lr_power: float = Field(default=1.0, gt=0, description="polynomial: decay exponent (1 = linear)")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="null disables clipping")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         default="auto", description="auto: bf16 on CUDA devices that support it, otherwise fp32"
@@ -117,6 +165,14 @@ class TrainConfig(Strict):
         default_factory=DistributedConfig, description="multi-process training (one process: ignored)"
     )
 
+    @model_validator(mode="after")
+    def _schedule_allowed(self) -> TrainConfig:
+        o = self.optimizer
+        problem = schedule_conflict(o.type, o.params, self.lr_scheduler, self.lr_warmup_steps)
+        if problem:
+            raise ValueError(f"train.optimizer.type {problem}")
+        return self
+
 
 class SaveConfig(Strict):
     format: Literal["kohya", "diffusers"] = Field(
@@ -130,6 +186,9 @@ class SaveConfig(Strict):
     keep: int = Field(default=3, ge=1, description="how many step checkpoints to keep")
     resume: bool | str = Field(
         default=True, description="true: resume from the latest checkpoint if any; a path: resume from it"
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="extra text metadata written into exported adapter files"
     )
 
 
@@ -215,14 +274,21 @@ class DatasetConfig(Strict):
     def resolutions(self) -> list[int]:
         return [self.resolution] if isinstance(self.resolution, int) else list(self.resolution)
 
+    @field_validator("resolution")
+    @classmethod
+    def _sizes(cls, value: int | list[int]) -> int | list[int]:
+        """Checked on the field itself so the error names ``datasets[i].resolution``."""
+        sizes = [value] if isinstance(value, int) else list(value)
+        if not sizes or any(r < 8 for r in sizes):
+            raise ValueError("must be >= 8 (or a non-empty list of such)")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError("lists a size more than once; list each size once")
+        return value
+
     @model_validator(mode="after")
     def _coherent(self) -> DatasetConfig:
         if (self.folder_path is None) == (self.shards is None):
             raise ValueError("set exactly one of folder_path (a folder of images) or shards (.tar files)")
-        if not self.resolutions or any(r < 8 for r in self.resolutions):
-            raise ValueError(f"resolution must be >= 8 (or a non-empty list of such), got {self.resolution}")
-        if len(set(self.resolutions)) != len(self.resolutions):
-            raise ValueError(f"resolution lists {self.resolution} with repeats; list each size once")
         if self.synthetic is not None and self.folder_path is None:
             raise ValueError("synthetic needs folder_path (the folder it generates into)")
         if (self.bucket_no_upscale or self.bucket_step is not None) and not self.enable_buckets:
@@ -257,13 +323,22 @@ class EvalConfig(Strict):
 class GroupConfig(Strict):
     """Optimizer and LR schedule of one component group inside a pipeline step."""
 
-    type: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    type: OptimizerName = "adamw"
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    lr_scheduler: SchedulerName = Field(
+        default="constant", description="cosine_with_restarts runs one cycle, polynomial has power 1 here"
+    )
     lr_warmup_steps: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _schedule_allowed(self) -> GroupConfig:
+        problem = schedule_conflict(self.type, {}, self.lr_scheduler, self.lr_warmup_steps)
+        if problem:
+            raise ValueError(f"type {problem}")
+        return self
 
 
 class TransitionConfig(Strict):
@@ -399,6 +474,18 @@ class JobConfig(Strict):
         """Regularisation sets are drawn as often as the training sets, so at least one must exist."""
         if all(d.is_reg for d in self.datasets):
             raise ValueError("every dataset has is_reg: true; at least one must hold the images to learn")
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_takes_plain_optimizers(self) -> JobConfig:
+        """Pipeline steps build their optimizers from the type, LR, betas, eps and schedule name only, so
+        the settings they would drop are refused rather than ignored."""
+        t = self.train
+        if self.pipeline is not None and (t.optimizer.params or t.lr_cycles != 1 or t.lr_power != 1.0):
+            raise ValueError(
+                "pipeline steps do not apply train.optimizer.params, train.lr_cycles or train.lr_power yet; "
+                "remove them or run a single-stage job"
+            )
         return self
 
     @property

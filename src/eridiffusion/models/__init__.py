@@ -16,6 +16,7 @@ from typing import Any
 
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models.flux import FluxFamily
+from eridiffusion.models.hub import resolve_model_path
 from eridiffusion.models.protocol import Conditioning, ModelFamily, NoiseObjective
 from eridiffusion.models.sd3 import SD3Family
 from eridiffusion.models.sd15 import SD15Family
@@ -47,6 +48,9 @@ class FamilyEntry:
     """Does this folder or single file hold this family?"""
     load_options: bool = False
     """Does ``load`` honour ``model.options`` (e.g. the flow-matching training settings of sd3/flux)?"""
+    flow_matching: bool = False
+    """Is its objective rectified flow (so eps/v-only settings such as min-SNR do not apply)? Lets
+    ``eri validate`` judge such settings before loading any weight."""
 
 
 def _tiny_build(options: dict[str, Any], seed: int, captions: Sequence[str] | None) -> ModelFamily:
@@ -72,10 +76,20 @@ FAMILIES: dict[str, FamilyEntry] = {
     "sd15": FamilyEntry("sd15", _fixed_vocabulary(SD15Family.build), SD15Family.load, SD15Family.detect),
     "sdxl": FamilyEntry("sdxl", _fixed_vocabulary(SDXLFamily.build), SDXLFamily.load, SDXLFamily.detect),
     "sd3": FamilyEntry(
-        "sd3", _fixed_vocabulary(SD3Family.build), SD3Family.load, SD3Family.detect, load_options=True
+        "sd3",
+        _fixed_vocabulary(SD3Family.build),
+        SD3Family.load,
+        SD3Family.detect,
+        load_options=True,
+        flow_matching=True,
     ),
     "flux": FamilyEntry(
-        "flux", _fixed_vocabulary(FluxFamily.build), FluxFamily.load, FluxFamily.detect, load_options=True
+        "flux",
+        _fixed_vocabulary(FluxFamily.build),
+        FluxFamily.load,
+        FluxFamily.detect,
+        load_options=True,
+        flow_matching=True,
     ),
 }
 
@@ -104,11 +118,11 @@ def detect_arch(path: Path) -> str:
     raise ValueError(f"'{path}' matches several families {found}; set model.arch to pick one")
 
 
-def load_family(path: str | Path, cfg: ModelConfig | None = None) -> ModelFamily:
-    """Load a local model folder or single file offline; the family comes from ``cfg.arch`` or the files."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path '{path}' does not exist")
+def load_family(path: str | Path, cfg: ModelConfig | None = None, where: str | None = None) -> ModelFamily:
+    """Load a local model folder or single file offline (a Hub id from the local cache); the family comes
+    from ``cfg.arch`` or the files. ``where`` names the setting in errors (default: model.name_or_path when
+    a config is given)."""
+    path = resolve_model_path(path, where or ("model.name_or_path" if cfg is not None else "model path"))
     cfg = cfg or ModelConfig(name_or_path=str(path))
     arch = cfg.arch or detect_arch(path)
     if arch not in FAMILIES:

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 from torch import nn
 
 from eridiffusion.models.protocol import AdapterAliases, FusedLayer, ModelFamily
 from eridiffusion.networks.compat import compatibility_warnings
 from eridiffusion.networks.layouts import original_layout_tensors, swap_halves
+from eridiffusion.networks.metadata import weight_hashes
 from eridiffusion.networks.peft_scales import adapter_weights_file, folder_scales, header_scales, scale_alpha
 
 logger = logging.getLogger(__name__)
@@ -193,6 +195,9 @@ def save_adapter(
             _WARNED.add(note)
             logger.warning("%s: %s", path.name, note)
     meta = {**metadata, "format": "pt", "eri_format": fmt}
+    if any(k.startswith("ss_") for k in meta):  # kohya-style files carry hashes of these very weights
+        training = {k: v for k, v in meta.items() if k.startswith("ss_")}
+        meta.update(weight_hashes(save_bytes(out, metadata=training)))
     tmp = path.with_name(f".tmp-{path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, tmp, metadata=meta)

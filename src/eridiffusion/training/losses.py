@@ -32,12 +32,18 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     The x0-space weight min(SNR, gamma) is converted to the space the model predicts in:
     divided by SNR for epsilon targets and by SNR + 1 for v targets.
     """
+    problem = min_snr_problem(prediction_type)
+    if problem:
+        raise ValueError(problem)
     clipped = torch.clamp(snr, max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    raise ValueError(
+    return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+
+
+def min_snr_problem(prediction_type: str) -> str | None:
+    """Why min-SNR weighting cannot apply to this objective, or None (``eri validate`` asks up front)."""
+    if prediction_type in ("epsilon", "v_prediction"):
+        return None
+    return (
         f"train.min_snr_gamma: min-SNR weighting is defined for epsilon and v_prediction models, not "
         f"{prediction_type!r}; remove it (flow-matching models weight timesteps with "
         "model.options.timestep_sampling and model.options.loss_weighting instead)"
