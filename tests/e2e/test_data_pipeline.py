@@ -90,6 +90,7 @@ def test_empty_bucket_setting_is_a_clear_cli_error(tmp_path: Path, capsys: pytes
     Image.new("RGB", (3, 3)).save(small / "a.png")
     job = tiny_job(tmp_path)
     job["datasets"] = [{"folder_path": str(small), "resolution": 16, "bucket_no_upscale": True}]
+    job["train"]["batch_size"] = 1  # a larger batch is refused earlier, by the pre-flight check
     assert main(["train", str(write_yaml(tmp_path / "job.yaml", job))]) == 2
     err = capsys.readouterr().err
     assert "datasets[0]" in err and "no usable image" in err and "bucket_no_upscale: false" in err

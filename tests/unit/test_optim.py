@@ -192,15 +192,33 @@ def test_validate_lists_optimizer_problems_with_their_paths(
     )
 
 
-def test_pipeline_jobs_refuse_settings_their_steps_would_drop(tmp_path: Path) -> None:
-    from eridiffusion.config import ConfigError, validate_config
+def test_pipeline_steps_apply_optimizer_params_and_schedule_shape(tmp_path: Path) -> None:
+    """One engine: a pipeline step's groups take train.optimizer.params, lr_cycles and lr_power (or
+    their own), as a single-stage job does."""
+    import json
+
+    import torch
+
+    from eridiffusion.cli import main
+    from tests.conftest import write_yaml
 
     job = tiny_job(tmp_path)
-    job["pipeline"] = {"steps": [{"name": "a", "trainable": ["denoiser"], "max_steps": 1}]}
-    validate_config(job)
-    job["train"]["optimizer"] = {"type": "prodigy", "params": {"d_coef": 2}}
-    with pytest.raises(ConfigError, match="pipeline steps do not apply train.optimizer.params"):
-        validate_config(job)
+    job["train"].update(
+        optimizer={"type": "prodigy", "params": {"d_coef": 2.0}},
+        lr=1.0,
+        lr_scheduler="polynomial",
+        lr_power=2.0,
+        lr_warmup_steps=0,
+        ema={"enabled": False},
+    )
+    job["save"] = {"every": 1, "keep": 10}
+    job["pipeline"] = {"steps": [{"name": "a", "trainable": ["denoiser"], "max_steps": 4}]}
+    assert main(["train", str(write_yaml(tmp_path / "p.yaml", job))]) == 0
+    run = tmp_path / "output" / "t"
+    opt = torch.load(run / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=False)
+    assert opt["denoiser"]["param_groups"][0]["d_coef"] == 2.0
+    lrs = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1.0, 0.75**2, 0.5**2, 0.25**2])
 
 
 def test_prodigy_with_a_small_lr_warns(caplog: pytest.LogCaptureFixture) -> None:

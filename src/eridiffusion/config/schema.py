@@ -328,14 +328,17 @@ class GroupConfig(Strict):
     weight_decay: float = Field(default=0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
-    lr_scheduler: SchedulerName = Field(
-        default="constant", description="cosine_with_restarts runs one cycle, polynomial has power 1 here"
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="extra optimizer constructor arguments (as train.optimizer.params)"
     )
+    lr_scheduler: SchedulerName = "constant"
     lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_cycles: int = Field(default=1, ge=1, description="cosine_with_restarts: number of cosine cycles")
+    lr_power: float = Field(default=1.0, gt=0, description="polynomial: decay exponent (1 = linear)")
 
     @model_validator(mode="after")
     def _schedule_allowed(self) -> GroupConfig:
-        problem = schedule_conflict(self.type, {}, self.lr_scheduler, self.lr_warmup_steps)
+        problem = schedule_conflict(self.type, self.params, self.lr_scheduler, self.lr_warmup_steps)
         if problem:
             raise ValueError(f"type {problem}")
         return self
@@ -474,18 +477,6 @@ class JobConfig(Strict):
         """Regularisation sets are drawn as often as the training sets, so at least one must exist."""
         if all(d.is_reg for d in self.datasets):
             raise ValueError("every dataset has is_reg: true; at least one must hold the images to learn")
-        return self
-
-    @model_validator(mode="after")
-    def _pipeline_takes_plain_optimizers(self) -> JobConfig:
-        """Pipeline steps build their optimizers from the type, LR, betas, eps and schedule name only, so
-        the settings they would drop are refused rather than ignored."""
-        t = self.train
-        if self.pipeline is not None and (t.optimizer.params or t.lr_cycles != 1 or t.lr_power != 1.0):
-            raise ValueError(
-                "pipeline steps do not apply train.optimizer.params, train.lr_cycles or train.lr_power yet; "
-                "remove them or run a single-stage job"
-            )
         return self
 
     @property

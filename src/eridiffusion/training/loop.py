@@ -31,11 +31,19 @@ from eridiffusion.data.vocabulary import job_captions, warn_caption_truncation
 from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models import ModelFamily, build_family, load_family
 from eridiffusion.networks import export_network
+from eridiffusion.networks.metadata import RunCounters, model_card, training_metadata
 from eridiffusion.progress import progress_bar
 from eridiffusion.training.checkpoint import CheckpointManager, TrainState, atomic_write_dir
 from eridiffusion.training.engine import Engine, create_engine
 from eridiffusion.training.logs import RunLogger
-from eridiffusion.training.pipeline import StagePlan, changed_paths, pipeline_snapshot, plan_stages
+from eridiffusion.training.pipeline import (
+    StagePlan,
+    changed_paths,
+    pipeline_snapshot,
+    plan_stages,
+    stage_datasets,
+)
+from eridiffusion.training.preflight import check_before_loading
 from eridiffusion.training.runs import Loaded, find_resume, is_finished, mark_finished, open_run
 from eridiffusion.training.samples import ema_weights, save_samples
 from eridiffusion.training.stages import (
@@ -87,6 +95,8 @@ class Run:
     log: RunLogger
     on_step: Callable[[TrainState], None] | None = None
     stop: StopRequest = field(default_factory=StopRequest)
+    run_id: str = ""
+    started: float = field(default_factory=time.time)
 
 
 def config_fingerprint(cfg: JobConfig) -> str:
@@ -117,6 +127,7 @@ def load_or_build(cfg: JobConfig) -> ModelFamily:
 
 def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -> TrainResult:
     """Run (or resume) the job described by ``cfg``; returns where the final model was written."""
+    check_before_loading(cfg)  # every weight-free problem before a model loads
     engine = create_engine(cfg.train)
     run_dir = cfg.run_dir
     with engine.main_first():  # scan first: a bad path fails before a model loads; main generates data
@@ -142,7 +153,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     if state.stage > 0:  # resuming a later pipeline step: it starts from the previous step's saved model
         family = None
     log = RunLogger(cfg, engine.is_main, info.run_id)
-    run = Run(cfg, engine, ckpts, log, on_step)
+    run = Run(cfg, engine, ckpts, log, on_step, run_id=info.run_id)
     status = "failed"
     if engine.is_main:
         info.set(run_dir, "running", state.step)
@@ -334,18 +345,35 @@ def _samples(run: Run, family: ModelFamily, live: LiveStage, state: TrainState, 
     cfg, engine = run.cfg, run.engine
     if live.plan.config.kind != "diffusion" or not (engine.is_main or engine.strategy == "fsdp"):
         return
-    with ema_weights(live.ema, live.ema_params()), live.offload.restored():
+    with ema_weights(live.ema, live.ema_params()), live.eval_weights(), live.offload.restored():
         path = save_samples(family, cfg, state.step, engine.device, write=engine.is_main)
     if path is not None:
         run.log.image(state.step, path, group)
 
 
-def _export_info(cfg: JobConfig, family: ModelFamily, steps: int) -> dict[str, str]:
-    return {
+def _counters(run: Run, live: LiveStage, state: TrainState) -> RunCounters:
+    """What the exported file's training metadata needs beyond the config."""
+    session = int(run.run_id[:8], 16) if run.run_id else 0  # kohya's ss_session_id, stable across resume
+    data = live.data
+    return RunCounters(
+        state.step, state.epoch, data.batches_per_epoch, data.captions, session, run.started, time.time()
+    )
+
+
+def _export_info(run: Run, family: ModelFamily, live: LiveStage, state: TrainState) -> dict[str, str]:
+    """The adapter file's header: ours, plus kohya's ss_* and modelspec.* keys that tools read."""
+    cfg = run.cfg
+    ours = {
         "eri_base_model": cfg.model.name_or_path or f"scratch:{family.arch}",
         "eri_config_hash": config_fingerprint(cfg),
-        "eri_steps": str(steps),
+        "eri_steps": str(state.step),
     }
+    if not live.plan.single:  # the step's own datasets and network describe what it trained
+        stage = live.plan.config
+        ours = {"eri_stage": stage.name, "eri_base_model": "previous pipeline step"}
+        cfg = cfg.model_copy(update={"datasets": stage_datasets(cfg, stage), "network": stage.network})
+    meta = training_metadata(cfg, family.arch, family.objective.prediction_type, _counters(run, live, state))
+    return {**meta, **ours}
 
 
 def save_checkpoint(run: Run, family: ModelFamily, live: LiveStage, state: TrainState) -> None:
@@ -357,12 +385,13 @@ def save_checkpoint(run: Run, family: ModelFamily, live: LiveStage, state: Train
     if engine.is_main:
         extra = None
         if live.plan.single and cfg.network is not None:
-            net, info = cfg.network, _export_info(cfg, family, state.step)
+            net, info = cfg.network, _export_info(run, family, live, state)
 
             def extra(folder: Path) -> None:
-                export_network(
-                    family, net, folder / _adapter_name(cfg), cfg.save.format, cfg.save.dtype, info
-                )
+                with live.eval_weights():  # schedule-free: the averaged weights are the usable ones
+                    export_network(
+                        family, net, folder / _adapter_name(cfg), cfg.save.format, cfg.save.dtype, info
+                    )
 
         ema = live.ema.state_dict() if live.ema is not None else None
         run.ckpts.save(state, weights, optimizers, ema, extra=extra)
@@ -384,10 +413,12 @@ def _end_stage(
     if live.ema is not None:  # the average is the step's result: what is saved, sampled and passed on
         live.ema.swap_into(live.ema_params())
     with live.offload.restored():
-        with engine.gathered(family.modules().values()):
-            output = finish_stage(cfg, family, live, engine, _export_info(cfg, family, state.step))
+        card = model_card(cfg, family.arch, _counters(run, live, state)) if plan.single else None
+        with live.eval_weights(), engine.gathered(family.modules().values()):
+            output = finish_stage(cfg, family, live, engine, _export_info(run, family, live, state), card)
         _samples(run, family, live, state, "train" if plan.single else plan.config.name)
-        scores = evaluate_stage(cfg, family, live, engine) if plan.config.eval and engine.is_main else {}
+        with live.eval_weights():
+            scores = evaluate_stage(cfg, family, live, engine) if plan.config.eval and engine.is_main else {}
     if plan.single:
         return output
     state.stages_done[plan.config.name] = {

@@ -7,6 +7,7 @@ adapter file ``NAME.safetensors``); the steps of a ``pipeline`` write theirs und
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from eridiffusion.training.autoencoder import (
 from eridiffusion.training.checkpoint import TrainState, atomic_write_dir
 from eridiffusion.training.ema import EMA
 from eridiffusion.training.engine import Engine
-from eridiffusion.training.optim import build_optimizer
+from eridiffusion.training.optim import build_optimizer, eval_mode
 from eridiffusion.training.pipeline import StagePlan, stage_datasets
 from eridiffusion.training.step import ParamGroup, diffusion_loss, optimizer_step, step_generator
 
@@ -108,6 +109,15 @@ class LiveStage:
     def group(self, name: str) -> list[ParamGroup]:
         return [g for g in self.groups if g.name == name]
 
+    @contextlib.contextmanager
+    def eval_weights(self) -> Iterator[None]:
+        """The weights to sample, evaluate and export with: schedule-free optimizers swap in their averaged
+        iterate for the block (a no-op for the others)."""
+        with contextlib.ExitStack() as stack:
+            for g in self.groups:
+                stack.enter_context(eval_mode(g.optimizer))
+            yield
+
 
 def _group_config(cfg: JobConfig, stage: StageConfig, component: str) -> GroupConfig:
     if component in stage.optimizers:
@@ -121,15 +131,19 @@ def _group_config(cfg: JobConfig, stage: StageConfig, component: str) -> GroupCo
         weight_decay=o.weight_decay,
         betas=o.betas,
         eps=o.eps,
+        params=o.params,
         lr_scheduler=t.lr_scheduler,
         lr_warmup_steps=t.lr_warmup_steps,
+        lr_cycles=t.lr_cycles,
+        lr_power=t.lr_power,
     )
 
 
-def _make_group(name: str, params: dict[str, nn.Parameter], g: GroupConfig) -> ParamGroup:
-    opt_cfg = OptimizerConfig(type=g.type, weight_decay=g.weight_decay, betas=g.betas, eps=g.eps)
-    optimizer = build_optimizer(params, opt_cfg, g.lr)
-    return ParamGroup(name, params, optimizer, g.lr, g.lr_scheduler, g.lr_warmup_steps)
+def _make_group(name: str, params: dict[str, nn.Parameter], g: GroupConfig, where: str) -> ParamGroup:
+    fields = {"type", "weight_decay", "betas", "eps", "params"}
+    opt_cfg = OptimizerConfig(**{k: v for k, v in g.model_dump().items() if k in fields})
+    optimizer = build_optimizer(params, opt_cfg, g.lr, where)
+    return ParamGroup(name, params, optimizer, g.lr, g)
 
 
 def _check_fsdp(engine: Engine, cfg: JobConfig, stage: StageConfig) -> None:
@@ -213,9 +227,14 @@ def setup_stage(
     per_comp, disc = _unfreeze(cfg, family, plan, engine)
     if plan.single:  # one optimizer, clipped jointly: a job without pipeline trains one group
         g = _group_config(cfg, stage, "default")
-        groups = [_make_group("model", {k: p for d in per_comp.values() for k, p in d.items()}, g)]
+        every = {k: p for d in per_comp.values() for k, p in d.items()}
+        groups = [_make_group("model", every, g, "train.optimizer")]
     else:
-        groups = [_make_group(c, params, _group_config(cfg, stage, c)) for c, params in per_comp.items()]
+        where = f"pipeline.steps[{plan.index}].optimizers"
+        groups = [
+            _make_group(c, params, _group_config(cfg, stage, c), f"{where}.{c}")
+            for c, params in per_comp.items()
+        ]
     seed = cfg.train.seed + 1000 * plan.index
     data = TrainingData(
         stage_datasets(cfg, stage),
@@ -342,7 +361,12 @@ def transition_done(
 
 
 def finish_stage(
-    cfg: JobConfig, family: ModelFamily, live: LiveStage, engine: Engine, export_info: dict[str, str]
+    cfg: JobConfig,
+    family: ModelFamily,
+    live: LiveStage,
+    engine: Engine,
+    export_info: dict[str, str],
+    card: str | None = None,
 ) -> Path:
     """Make the stage's result permanent (main process): calibrate latents, export the adapter (merged into
     the model when a later step builds on it) or save the model; returns the stage's output."""
@@ -368,8 +392,14 @@ def finish_stage(
             return path
         merge_adapters(family)
     path = out / "model"
+
+    def write(folder: Path) -> None:
+        family.save_pretrained(folder)
+        if card is not None:  # a model card beside the weights, as the Hub shows it
+            (folder / "README.md").write_text(card, encoding="utf-8")
+
     if engine.is_main:
-        atomic_write_dir(path, family.save_pretrained)
+        atomic_write_dir(path, write)
     return path
 
 

@@ -26,7 +26,7 @@ from eridiffusion.data.loader import Batch
 from eridiffusion.models import ModelFamily
 from eridiffusion.training.engine import Engine
 from eridiffusion.training.losses import min_snr_weights, per_sample_loss
-from eridiffusion.training.schedules import lr_factor
+from eridiffusion.training.schedules import ScheduleSettings, scheduled_lr
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,13 @@ class ParamGroup:
     params: dict[str, nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr: float
-    lr_scheduler: str
-    lr_warmup_steps: int
+    schedule: ScheduleSettings
+    """lr_scheduler, lr_warmup_steps, lr_cycles, lr_power (the group's config section)."""
 
     def set_lr(self, step: int, total_steps: int) -> float:
-        lr = self.lr * lr_factor(step, total_steps, self.lr_scheduler, self.lr_warmup_steps)
+        lr = scheduled_lr(step, total_steps, self.lr, self.schedule)
+        if self.optimizer.param_groups[0].get("lr") is None:  # Adafactor's relative step: it owns the LR
+            return float("nan")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
