@@ -263,3 +263,38 @@ def test_data_shapes_cli_writes_a_concept_set(tmp_path: Path, capsys: pytest.Cap
     assert "a black triangle" in (out / "held_out_prompts.txt").read_text().splitlines()
     assert main(["data", "shapes", str(tmp_path / "bad"), "--colours", "mauve"]) == EXIT_USER_ERROR
     assert "unknown ['mauve']" in capsys.readouterr().err
+
+
+def test_trained_lora_files_carry_kohya_and_modelspec_metadata(tmp_path: Path) -> None:
+    """What A1111/Forge/kohya tools read from a LoRA: the real step count, epochs, session id (the same
+    after a resume), dataset tags, architecture; the checkpoint copy and the final file alike."""
+    from safetensors import safe_open
+
+    job = tiny_job(tmp_path)
+    job["network"] = {"type": "lora", "linear": 2, "linear_alpha": 1}
+    cfg = write_yaml(tmp_path / "job.yaml", job)
+    assert main(["train", str(cfg), "train.steps=2"]) == 0
+    assert main(["train", str(cfg), "train.steps=3"]) == 0  # resumed
+    run = tmp_path / "output" / "t"
+
+    def header(path: Path) -> dict[str, str]:
+        with safe_open(path, "pt") as f:
+            return f.metadata()
+
+    final, ckpt2 = (
+        header(run / "t.safetensors"),
+        header(run / "checkpoints" / "step_000002" / "t.safetensors"),
+    )
+    assert (final["ss_steps"], ckpt2["ss_steps"]) == ("3", "2")
+    assert final["ss_max_train_steps"] == "3" and final["ss_network_dim"] == "2"
+    assert final["ss_session_id"] == ckpt2["ss_session_id"] != "0"
+    assert final["modelspec.architecture"].startswith("eri-tiny") and "modelspec.date" in final
+    tags = json.loads(final["ss_tag_frequency"])
+    assert any("circle" in t for counts in tags.values() for t in counts)
+
+
+def test_a_full_fine_tune_writes_a_model_card(tmp_path: Path) -> None:
+    cfg = write_yaml(tmp_path / "job.yaml", tiny_job(tmp_path))
+    assert main(["train", str(cfg), "train.steps=2"]) == 0
+    card = (tmp_path / "output" / "t" / "model" / "README.md").read_text()
+    assert card.startswith("---") and "steps" in card.lower()
