@@ -74,6 +74,7 @@ from eridiffusion.models.stable_diffusion import (
     weights_variant,
 )
 from eridiffusion.models.tiny import FAMILY_FILE
+from eridiffusion.models.token_ids import token_ids
 from eridiffusion.models.tokenizer import build_t5_tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -193,13 +194,7 @@ def clip_embeddings(
     """(penultimate hidden states, pooled output) of a CLIP text encoder; the pooled output is the
     projected ``text_embeds`` for ``CLIPTextModelWithProjection`` (SD3) and ``pooler_output`` otherwise
     (Flux), as diffusers' pipelines use them."""
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=encoder.config.max_position_embeddings,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(module_device(encoder))
+    ids = token_ids(tokenizer, prompts, encoder.config.max_position_embeddings).to(module_device(encoder))
     out = encoder(ids, output_hidden_states=True)
     return out.hidden_states[-2], out[0] if isinstance(
         encoder, CLIPTextModelWithProjection
@@ -209,9 +204,7 @@ def clip_embeddings(
 def t5_embeddings(
     encoder: T5EncoderModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int
 ) -> torch.Tensor:
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(module_device(encoder))
+    ids = token_ids(tokenizer, prompts, max_length).to(module_device(encoder))
     return encoder(ids)[0]
 
 

@@ -59,6 +59,7 @@ from eridiffusion.models.protocol import (
     require_size_multiple,
     underscored_lora_names,
 )
+from eridiffusion.models.token_ids import token_ids
 from eridiffusion.models.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -423,9 +424,7 @@ class StableDiffusionFamily(VAELatents):
             # every encoder of the family gets the same chunk count, so their hidden states line up
             chunks = max(chunk_count(self.tokenizers[s.tokenizer], prompts, length) for s in self.text_slots)
             return chunked_ids(tokenizer, prompts, length, chunks).to(module_device(encoder))
-        return tokenizer(
-            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-        ).input_ids.to(module_device(encoder))
+        return token_ids(tokenizer, prompts, length).to(module_device(encoder))
 
     def added_cond(self, noisy: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
         """The UNet's ``added_cond_kwargs`` (SDXL's pooled text and size ids); SD1.5 has none. A ControlNet

@@ -31,6 +31,7 @@ from eridiffusion.models.protocol import (
     require_size_multiple,
     underscored_lora_names,
 )
+from eridiffusion.models.token_ids import token_ids
 from eridiffusion.models.tokenizer import DEFAULT_MAX_VOCAB, MIN_TOKENS, build_tokenizer, learn_tokenizer
 
 FAMILY_FILE = "eri_family.json"
@@ -234,13 +235,7 @@ class TinyFamily:
         require_size_multiple("this tiny model", self.size_multiple(), height, width)
 
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.max_tokens,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(module_device(self.text_encoder))
+        ids = token_ids(self.tokenizer, prompts, self.max_tokens).to(module_device(self.text_encoder))
         return {"context": self.text_encoder(ids).last_hidden_state}
 
     @property
