@@ -54,12 +54,10 @@ def example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.Fix
 
 @pytest.mark.parametrize("example", list(HUB_IDS), indirect=True)
 def test_examples_validate_as_written(example: Path, capsys: pytest.CaptureFixture) -> None:
-    """As written they name a CUDA device and (Flux, SD3.5) 8-bit quantisation: validate reports exactly what
-    `eri train` would refuse here, before loading the model; with those overridden the plan comes out."""
-    quantized = "quantize: true" in example.read_text(encoding="utf-8")
+    """As written they name a CUDA device (and Flux, SD3.5 an 8-bit base, which translates to
+    model.quantize: fp8): validate reports exactly what `eri train` would refuse here, before loading the
+    model; with the device overridden the plan comes out."""
     expected = []
-    if quantized:  # quantisation arrives with issue #12: refused clearly, never ignored
-        expected.append("model.quantize: 'fp8': quantisation is not implemented yet (issue #12)")
     if not torch.cuda.is_available():
         expected.append("train.device='cuda")
     code = main(["validate", str(example)])
@@ -70,7 +68,7 @@ def test_examples_validate_as_written(example: Path, capsys: pytest.CaptureFixtu
     assert len(problems) == len(expected), out.err
     for text in expected:
         assert sum(text in line for line in problems) == 1, (text, problems)
-    overrides = ["model.quantize=none", "train.device=auto"]
+    overrides = ["train.device=auto"]
     if example.name.startswith("train_lora_sd35"):  # the tiny SD3 preset's position table ends at 64 px
         assert main(["validate", str(example), *overrides]) == EXIT_USER_ERROR
         assert (
@@ -152,13 +150,14 @@ def test_keys_without_equivalent_are_errors_naming_them(example: Path, capsys: p
     assert "config.process[0].sample.num_frames: video sampling is not supported; set num_frames: 1" in err
 
 
-def test_train_refuses_quantize_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_train_refuses_int4_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from tests.conftest import tiny_job, write_yaml
 
     job = tiny_job(tmp_path)
-    job["model"]["quantize"] = "nf4"
+    job["network"] = {"type": "lora"}
+    job["model"]["quantize"] = "int4"  # ai-toolkit's qint4: no CPU/GPU kernel here, nf4 is the 4-bit option
     assert main(["train", str(write_yaml(tmp_path / "job.yaml", job))]) == EXIT_USER_ERROR
-    assert "model.quantize: 'nf4': quantisation is not implemented yet (issue #12)" in capsys.readouterr().err
+    assert "model.quantize: int4 is not available; use nf4" in capsys.readouterr().err
     assert not (tmp_path / "output").exists()  # refused before anything ran
 
 

@@ -98,16 +98,22 @@ def _unsupported_arch(t: Translation, src: str, section: str, value: Any) -> Non
 
 
 def _quantize(t: Translation, src: str, section: str, model: dict[str, Any]) -> None:
-    """``quantize`` (bool or a type) and ``qtype`` (the type, default qfloat8) read together."""
-    flag, qtype = model.pop("quantize", None), model.pop("qtype", None)
-    prefix = src
-    if qtype is not None and flag is not True:
-        t.ignore(f"{prefix}.qtype", "applies only with quantize: true")
-    if flag is None:
-        return
-    value = (qtype or "qfloat8") if flag is True else "none" if flag is False else flag
-    where = f"{prefix}.quantize" + ("/qtype" if flag is True and qtype is not None else "")
-    move("quantize", lookup(QUANTIZE, "quantize type"))(t, where, section, value)
+    """``quantize`` (bool or a type) and ``qtype`` (the type, default qfloat8) read together; likewise
+    ``quantize_te`` and ``qtype_te`` for the text encoders."""
+    for key, qkey, target in (
+        ("quantize", "qtype", "quantize"),
+        ("quantize_te", "qtype_te", "quantize_text_encoders"),
+    ):
+        if key == "quantize" and isinstance(model.get(key), dict):
+            continue  # eri's own {weights, text_encoders} form: the schema reads it
+        flag, qtype = model.pop(key, None), model.pop(qkey, None)
+        if qtype is not None and flag is not True:
+            t.ignore(f"{src}.{qkey}", f"applies only with {key}: true")
+        if flag is None:
+            continue
+        value = (qtype or "qfloat8") if flag is True else "none" if flag is False else flag
+        where = f"{src}.{key}" + (f"/{qkey}" if flag is True and qtype is not None else "")
+        move(target, lookup(QUANTIZE, "quantize type"))(t, where, section, value)
 
 
 def _timestep_type(t: Translation, src: str, section: str, value: Any) -> None:
@@ -173,8 +179,6 @@ NO_SAMPLE_FIRST = "eri samples every sample.every steps and at the end, never be
 MODEL_KEYS: dict[str, Handler] = {
     **dict.fromkeys(ARCH_FLAGS, _arch_flag),
     **dict.fromkeys(UNSUPPORTED_ARCH_FLAGS, _unsupported_arch),
-    "quantize_te": only(False, "text-encoder quantisation is not available yet (issue #12); set it false"),
-    "qtype_te": cosmetic("applies only with quantize_te: true"),
     "low_vram": cosmetic("memory option only; eri's is model.dtype"),
     "model_kwargs": only(
         ({},), "no equivalent; family options go in model.options", "empty: nothing to apply"

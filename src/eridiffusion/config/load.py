@@ -6,6 +6,7 @@ Errors are reported as one :class:`ConfigError` listing every problem with its Y
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -189,20 +190,33 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), notes: list[str
     return validate_config(data, str(path))
 
 
-NOT_YET: dict[str, str] = {
-    "model.quantize": "quantisation is not implemented yet (issue #12); set model.quantize: none "
-    "(or override it: model.quantize=none) and use model.dtype: bf16 to halve the frozen weights",
-}
-
-
 def unsupported_settings(cfg: JobConfig) -> list[str]:
-    """Settings the schema accepts (so ai-toolkit files translate) but training cannot honour yet.
+    """Settings the schema accepts (so ai-toolkit files translate) but training cannot honour as given.
 
     ``eri validate`` lists them and ``eri train`` refuses them before loading any weight.
     """
     problems = []
-    if cfg.model.quantize != "none":
-        problems.append(f"model.quantize: {cfg.model.quantize!r}: {NOT_YET['model.quantize']}")
+    m = cfg.model
+    for key, value in (
+        ("model.quantize", m.quantize),
+        ("model.quantize_text_encoders", m.quantize_text_encoders),
+    ):
+        if value == "int4":
+            problems.append(f"{key}: int4 is not available; use nf4 (4-bit NormalFloat, bitsandbytes)")
+    if m.quantize != "none" or m.quantize_text_encoders != "none":
+        if cfg.network is None:
+            problems.append(
+                "model.quantize: a quantised base is for adapter training (add a network: section); a full "
+                "fine-tune trains and saves the weights themselves (model.dtype: bf16 halves frozen parts)"
+            )
+        if cfg.pipeline is not None:
+            problems.append(
+                "model.quantize: pipelines save and pass on whole models; use it in a single-stage job"
+            )
+        needs = {"fp8": "torchao", "int8": "torchao", "nf4": "bitsandbytes"}
+        for package in sorted({needs[v] for v in (m.quantize, m.quantize_text_encoders) if v in needs}):
+            if importlib.util.find_spec(package) is None:
+                problems.append(f"model.quantize needs {package}: pip install {package}")
     return problems
 
 

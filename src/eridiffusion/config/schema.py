@@ -43,8 +43,28 @@ class ModelConfig(Strict):
         default=None, description="override the checkpoint's prediction type (SD1.5/SDXL); null keeps it"
     )
     quantize: Literal["none", "fp8", "int8", "int4", "nf4"] = Field(
-        default="none", description="weight-only quantisation of the frozen base model (not available yet)"
+        default="none",
+        description="weight-only quantisation of the frozen denoiser for adapter training: fp8 / int8 "
+        "(torchao), nf4 (bitsandbytes); also written {weights: ..., text_encoders: ...}",
     )
+    quantize_text_encoders: Literal["none", "fp8", "int8", "int4", "nf4"] = Field(
+        default="none", description="the same for the frozen text encoders (ai-toolkit's quantize_te)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantize_mapping(cls, data: Any) -> Any:
+        """``quantize: {weights: nf4, text_encoders: int8}`` is the two flat keys."""
+        if isinstance(data, dict) and isinstance(data.get("quantize"), dict):
+            q = dict(data["quantize"])
+            unknown = set(q) - {"weights", "text_encoders"}
+            if unknown:
+                allowed = "allowed: weights, text_encoders"
+                raise ValueError(f"quantize: unknown key(s) {sorted(unknown)}; {allowed}")
+            data = {**data, "quantize": q.get("weights", "none")}
+            if "text_encoders" in q:
+                data["quantize_text_encoders"] = q["text_encoders"]
+        return data
 
 
 class NetworkConfig(Strict):

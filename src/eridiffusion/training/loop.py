@@ -192,7 +192,6 @@ def _run_stages(
     for plan in plans[state.stage :]:
         if family is None:
             family = _model_at_stage(cfg, plans, plan.index)
-        family = family.to(engine.device)
         out_dir = run_dir if plan.single else run_dir / "stages" / f"{plan.index}-{plan.config.name}"
         live = setup_stage(cfg, family, plan, engine, out_dir, sources if plan.single else None)
         if resume is not None and state.stage == plan.index and state.stage_step > 0:

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from eridiffusion.config.schema import GroupConfig, JobConfig, OptimizerConfig, StageConfig
-from eridiffusion.data.cache import EncoderOffload, prepare_caches
+from eridiffusion.data.cache import EncoderOffload, encoder_names, prepare_caches
 from eridiffusion.data.loader import Batch, ImageSource, TrainingData
 from eridiffusion.inference.evaluate import EvalSettings, evaluate_into, prompts_path, read_prompts
 from eridiffusion.models import ModelFamily
+from eridiffusion.models.quantize import quantize_module, weight_bytes
 from eridiffusion.networks import attach_network, export_network, merge_adapters
 from eridiffusion.training.autoencoder import (
     AutoencoderLossConfig,
@@ -160,6 +161,22 @@ def _check_fsdp(engine: Engine, cfg: JobConfig, stage: StageConfig) -> None:
         raise ValueError(f"train.distributed.strategy fsdp: pipeline step {stage.name}: {why}")
 
 
+def _quantize_base(cfg: JobConfig, family: ModelFamily, trained: set[str]) -> None:
+    """``model.quantize`` / ``quantize_text_encoders``: the frozen base of an adapter job, on the host."""
+    _, text_names = encoder_names(family)
+    modules = family.modules()
+    kinds = {"denoiser": cfg.model.quantize, **dict.fromkeys(text_names, cfg.model.quantize_text_encoders)}
+    for name, kind in kinds.items():
+        if kind == "none" or name in trained or name not in modules:
+            continue
+        before = weight_bytes([modules[name]])
+        n = quantize_module(modules[name], kind)
+        after = weight_bytes([modules[name]])
+        logger.info(
+            "%s: %d layers quantised to %s, %.1f -> %.1f MB", name, n, kind, before / 2**20, after / 2**20
+        )
+
+
 def _unfreeze(
     cfg: JobConfig, family: ModelFamily, plan: StagePlan, engine: Engine
 ) -> tuple[dict[str, dict[str, nn.Parameter]], PatchDiscriminator | None]:
@@ -174,6 +191,8 @@ def _unfreeze(
         target = torch.float32 if name in trained else STORAGE_DTYPES[cfg.model.dtype]
         if any(p.dtype != target for p in module.parameters() if p.is_floating_point()):
             module.to(dtype=target)
+    if plan.single and cfg.network is not None:
+        _quantize_base(cfg, family, trained)
     per_comp: dict[str, dict[str, nn.Parameter]] = {}
     disc = None
     for comp in stage.trainable:
@@ -212,6 +231,26 @@ def trainable_parameters(family: ModelFamily, cfg: JobConfig) -> dict[str, nn.Pa
     return {k: p for params in per_comp.values() for k, p in params.items()}
 
 
+def _place(cfg: JobConfig, family: ModelFamily, data: TrainingData, engine: Engine) -> EncoderOffload:
+    """Move the model to the device in the order that keeps its peak lowest: with caches, only the encoders
+    go first, encode every image and caption, and leave again for good when every batch comes from the
+    cache; then the rest (the denoiser) follows. The encoders and the denoiser are never on the device
+    together unless a batch still needs an encoder."""
+    modules = family.modules()
+    image_names, text_names = encoder_names(family)
+    needed = (image_names if any(d.cache_latents_to_disk for d in data.configs) else []) + (
+        text_names if any(d.cache_text_embeddings for d in data.configs) else []
+    )
+    for name in needed:
+        modules[name].to(engine.device)
+    with engine.main_first():  # the main process computes the caches, the others read them
+        offload = prepare_caches(data, family, engine.device, cfg.logging.progress and engine.is_main)
+    for name, module in modules.items():
+        if name not in offload.names:
+            module.to(engine.device)
+    return offload
+
+
 def setup_stage(
     cfg: JobConfig,
     family: ModelFamily,
@@ -224,17 +263,7 @@ def setup_stage(
     of processes: every process takes its rows), caches and EMA."""
     stage = plan.config
     _check_fsdp(engine, cfg, stage)
-    per_comp, disc = _unfreeze(cfg, family, plan, engine)
-    if plan.single:  # one optimizer, clipped jointly: a job without pipeline trains one group
-        g = _group_config(cfg, stage, "default")
-        every = {k: p for d in per_comp.values() for k, p in d.items()}
-        groups = [_make_group("model", every, g, "train.optimizer")]
-    else:
-        where = f"pipeline.steps[{plan.index}].optimizers"
-        groups = [
-            _make_group(c, params, _group_config(cfg, stage, c), f"{where}.{c}")
-            for c, params in per_comp.items()
-        ]
+    per_comp, disc = _unfreeze(cfg, family, plan, engine)  # on the host: casts, quantisation, adapters
     seed = cfg.train.seed + 1000 * plan.index
     data = TrainingData(
         stage_datasets(cfg, stage),
@@ -251,8 +280,17 @@ def setup_stage(
         per_step = 1 if stage.kind == "autoencoder" else cfg.train.gradient_accumulation_steps
         batches = stage.n_epochs * data.batches_per_epoch
         plan = dataclasses.replace(plan, steps=max(1, -(-batches // per_step)))
-    with engine.main_first():  # the main process computes the caches, the others read them
-        offload = prepare_caches(data, family, engine.device, cfg.logging.progress and engine.is_main)
+    offload = _place(cfg, family, data, engine)
+    if plan.single:  # one optimizer, clipped jointly: a job without pipeline trains one group
+        g = _group_config(cfg, stage, "default")
+        every = {k: p for d in per_comp.values() for k, p in d.items()}
+        groups = [_make_group("model", every, g, "train.optimizer")]
+    else:
+        where = f"pipeline.steps[{plan.index}].optimizers"
+        groups = [
+            _make_group(c, params, _group_config(cfg, stage, c), f"{where}.{c}")
+            for c, params in per_comp.items()
+        ]
     live = LiveStage(plan, groups, data, disc, None, offload, out_dir)
     ema_cfg = stage.ema or cfg.train.ema
     if ema_cfg.enabled:
