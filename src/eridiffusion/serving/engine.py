@@ -10,6 +10,7 @@ sampler checks after every step.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -21,10 +22,25 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
+from eridiffusion.device import is_out_of_memory, release_memory
 from eridiffusion.inference.generate import GenerateRequest, Preview, StopEarly, make_grid, to_pil
 from eridiffusion.inference.generator import GenerationResult, Generator
 from eridiffusion.inference.samplers import resolve_sampler
 from eridiffusion.serving.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class OutOfDeviceMemory(RuntimeError):
+    """A request that does not fit the device even alone; the server stays up and answers 503."""
+
+    def __init__(self, batch: list[Job], exc: BaseException) -> None:
+        job = batch[0]
+        r = job.request
+        super().__init__(
+            f"out of device memory generating {_images(job)} image(s) at {r.width}x{r.height}; try fewer "
+            "images, a smaller size or the memory options (--vae-tiling, --cpu-offload)"
+        )
 
 
 class QueueFull(Exception):
@@ -239,6 +255,7 @@ class JobQueue:
                 job.preview = grid
 
         preview = Preview(self.preview_every, on_preview) if self.preview_every > 0 else None
+        oom_split = False
         request = first.request
         if len(batch) > 1:
             request = replace(
@@ -258,9 +275,13 @@ class JobQueue:
                 job.state = "cancelled"
                 job.future.set_exception(cancelled)
         except Exception as exc:
-            for job in batch:
-                job.state, job.error = "failed", str(exc)
-                job.future.set_exception(exc)
+            if is_out_of_memory(exc) and len(batch) > 1:
+                oom_split = True  # retried below, outside this block: its traceback holds the batch's tensors
+            else:
+                failure = OutOfDeviceMemory(batch, exc) if is_out_of_memory(exc) else exc
+                for job in batch:
+                    job.state, job.error = "failed", str(failure)
+                    job.future.set_exception(failure)
         else:
             self._deliver(batch, result)
         finally:
@@ -268,6 +289,11 @@ class JobQueue:
             took = time.perf_counter() - start
             self.batch_seconds = took if self.batch_seconds is None else 0.7 * self.batch_seconds + 0.3 * took
             self.metrics.cache_bytes.set(self.generator.cache.total_bytes)
+        if oom_split:  # the batch did not fit: each job alone (same seeds, so the same images)
+            release_memory()
+            logger.warning("out of device memory on a batch of %d jobs; running them one by one", len(batch))
+            for job in batch:
+                self._run([job])
 
     def _deliver(self, batch: list[Job], result: GenerationResult) -> None:
         """Split a batch's images back into each job's own result, in the job's own request terms."""

@@ -20,7 +20,14 @@ from eridiffusion.inference.generate import GenerateRequest
 from eridiffusion.inference.generator import GenerationResult, Generator, UnknownName
 from eridiffusion.inference.hashing import HashCache
 from eridiffusion.inference.lora_tags import split_lora_tags
-from eridiffusion.serving.engine import Job, JobCancelled, JobQueue, QueueFull, ShuttingDown
+from eridiffusion.serving.engine import (
+    Job,
+    JobCancelled,
+    JobQueue,
+    OutOfDeviceMemory,
+    QueueFull,
+    ShuttingDown,
+)
 from eridiffusion.serving.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -160,6 +167,9 @@ class Server:
         except (ValueError, FileNotFoundError) as exc:
             self.metrics.errors.labels("invalid").inc()
             raise HTTPException(422, detail=str(exc)) from None
+        except OutOfDeviceMemory as exc:
+            self.metrics.errors.labels("out_of_memory").inc()
+            raise HTTPException(503, detail=str(exc), headers={"Retry-After": "5"}) from None
         except Exception as exc:
             logger.exception("job %s failed", job.id)
             self.metrics.errors.labels("internal").inc()

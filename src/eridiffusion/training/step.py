@@ -12,7 +12,6 @@ last moment a non-finite step can still be refused.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from torch import nn
 
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.loader import Batch
+from eridiffusion.device import is_out_of_memory, release_memory
 from eridiffusion.models import ModelFamily
 from eridiffusion.training.engine import Engine
 from eridiffusion.training.losses import min_snr_weights, per_sample_loss
@@ -123,16 +123,6 @@ class OutOfMemoryStop(RuntimeError):
     """The device ran out of memory even with one image per forward pass."""
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError naming the allocation)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        w in text for w in ("out of memory", "can't allocate memory", "not enough memory")
-    )
-
-
 def _backward_pass(
     engine: Engine, micro_loss: MicroLoss, micro_batches: int, parts: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -153,9 +143,7 @@ def _backward_pass(
 def _free_after_oom(engine: Engine, groups: list[ParamGroup]) -> None:
     for g in groups:
         g.optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    if engine.device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(engine.device)
 
 
 def optimizer_step(
