@@ -172,6 +172,12 @@ class TrainConfig(Strict):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         default="auto", description="auto: bf16 on CUDA devices that support it, otherwise fp32"
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        """YAML reads a bare ``no`` as false: ``mixed_precision: no`` means no mixed precision."""
+        return "no" if value is False else value
     gradient_checkpointing: bool = False
     loss: Literal["mse", "l1", "huber"] = "mse"
     huber_delta: float = Field(default=0.1, gt=0)
