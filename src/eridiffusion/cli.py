@@ -1,4 +1,4 @@
-"""``eri`` command line: train | validate | generate | serve | eval | convert | merge | bench | data |
+"""``eri`` command line: train | validate | plan | generate | serve | eval | convert | merge | bench | data |
 quickstart.
 
 Each sub-command parses its own arguments into plain values and calls one library function; nothing
@@ -112,6 +112,46 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
     print(describe_plan(cfg))
     return 0
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    """The options of the memory estimate (``eri plan``; ``eri validate --memory`` takes the same)."""
+    p.add_argument("--gpu-gb", type=float, default=None, help="say whether the step fits a GPU of this size")
+    p.add_argument("--preset", default=None, help="architecture preset (default: the config's / real size)")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the datasets' largest)")
+    p.add_argument(
+        "--quantize", choices=["none", "fp8", "int8", "nf4"], default=None, help="frozen base storage"
+    )
+    p.add_argument(
+        "--quantize-text-encoders", choices=["none", "fp8", "int8", "nf4"], default=None, help="text encoders"
+    )
+    p.add_argument("--blocks-to-swap", type=int, default=None, help="transformer blocks kept on the host")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
+def print_memory_plan(cfg: JobConfig, args: argparse.Namespace) -> int:
+    """Trace one training step of ``cfg`` on fake tensors and print its peak device memory (no GPU needed);
+    exit 1 when ``--gpu-gb`` is given and the step does not fit."""
+    from eridiffusion.training.memory_plan import estimate_memory
+    from eridiffusion.training.memory_report import format_estimate
+
+    if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
+        raise ValueError("--blocks-to-swap must be >= 0")
+    estimate = estimate_memory(
+        cfg,
+        gpu_gb=args.gpu_gb,
+        preset=args.preset,
+        quantize=args.quantize,
+        quantize_text_encoders=args.quantize_text_encoders,
+        blocks_to_swap=args.blocks_to_swap,
+        resolution=args.resolution,
+    )
+    print(json.dumps(estimate.as_dict(), indent=1) if args.json else format_estimate(estimate))
+    return 1 if estimate.fits is False else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    return print_memory_plan(_load(args.config, args.overrides), args)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -406,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check CONFIG and print the training plan without training")
     with_config(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="peak GPU memory of a training step of CONFIG, estimated without a GPU")
+    with_config(p)
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("quickstart", help="the embedded default: train tiny on synthetic shapes, then eval")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for the embedded config")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from eridiffusion.data.loader import Batch
-from eridiffusion.models import ModelFamily, build_family
+from eridiffusion.models import build_family
 from eridiffusion.training.engine import resolve_precision
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "A10": 125.0}
@@ -54,7 +54,9 @@ def _peak_tflops(device: torch.device, given: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def _batch(family: ModelFamily, batch_size: int, resolution: int, seed: int) -> Batch:
+def synthetic_batch(batch_size: int, resolution: int, seed: int = 0) -> Batch:
+    """A micro-batch as the loader gives it (random pixels, one caption, SDXL's size conditioning), for
+    benchmarks and memory plans that need no dataset."""
     g = torch.Generator().manual_seed(seed)
     return Batch(
         pixels=torch.rand((batch_size, 3, resolution, resolution), generator=g) * 2 - 1,
@@ -62,6 +64,8 @@ def _batch(family: ModelFamily, batch_size: int, resolution: int, seed: int) -> 
         dropout_rates=torch.zeros(batch_size),
         epoch=0,
         loss_weights=torch.ones(batch_size),
+        original_sizes=torch.full((batch_size, 2), resolution),
+        crops=torch.zeros(batch_size, 2, dtype=torch.long),
     )
 
 
@@ -94,7 +98,7 @@ def run_bench(
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     cfg = JobConfig.model_validate({"name": "bench", "datasets": [{"folder_path": "."}]})
-    batch = _batch(family, batch_size, resolution, 0)
+    batch = synthetic_batch(batch_size, resolution)
 
     def step(i: int) -> None:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
