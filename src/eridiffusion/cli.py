@@ -413,6 +413,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.mixed_precision,
             args.gradient_checkpointing,
             args.peak_tflops,
+            compile=args.compile,
+            channels_last=args.channels_last,
+            tf32=args.tf32,
         )
     )
     text = json.dumps(result, indent=1)
@@ -556,7 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: auto)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs, bf16/fp16: auto)"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (untimed compile step)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights for the denoiser (UNets)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls/convolutions (CUDA)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.set_defaults(func=cmd_bench)
 
