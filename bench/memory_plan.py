@@ -21,6 +21,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -187,12 +188,38 @@ def validate() -> list[dict[str, Any]]:
     return rows
 
 
+def markdown(path: str) -> str:
+    """The ``table`` JSON as the README's table: peak GiB per model and resolution, one column per option."""
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))["rows"]
+    cols = [("none", False), ("none", True), ("fp8", True), ("nf4", True)]
+    names = {"dev": "Flux.1-dev", "large": "SD3.5 Large", "medium": "SD3.5 Medium", "full": ""}
+    out = [
+        "| model | px | no checkpointing | checkpointing | + fp8 base | + nf4 base |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    seen: dict[tuple[str, str, int], dict[tuple[str, bool], float]] = {}
+    for r in rows:
+        key = (r["arch"], r["model"], r["resolution"])
+        seen.setdefault(key, {})[(r["quantize"], r["gradient_checkpointing"])] = r["peak"] / GIB
+    for (arch, model, px), peaks in seen.items():
+        label = names.get(model) or {"sdxl": "SDXL", "sd15": "SD1.5"}.get(arch, arch)
+        out.append(f"| {label} | {px} | " + " | ".join(f"{peaks[c]:.1f}" for c in cols) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["table", "validate", "rss"], help="rss: one validation run's RSS")
+    parser.add_argument(
+        "what",
+        choices=["table", "validate", "rss", "markdown"],
+        help="rss: one validation run's RSS; markdown: print --out's table JSON as a Markdown table",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--index", type=int, default=0, help="rss: which small config")
     args = parser.parse_args()
+    if args.what == "markdown":
+        print(markdown(args.out))
+        return
     if args.what == "rss":
         _label, arch, options, resolution, n = SMALL[args.index]
         cfg = job(arch, options, resolution, n, mixed_precision="no", dtype="fp32", cached=False)
