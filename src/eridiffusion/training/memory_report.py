@@ -103,11 +103,14 @@ def _advice(e: MemoryEstimate) -> list[str]:
         out.append("datasets[].cache_latents_to_disk / cache_text_embeddings (encoders leave the device)")
     if not e.gradient_checkpointing:
         out.append("train.gradient_checkpointing: true")
-    if e.quantize.startswith("none"):
+    full = e.adapter.startswith("none")
+    if e.quantize.startswith("none") and not full:
         out.append("a quantised base (model.quantize.weights: fp8 / int8 / nf4)")
     if e.arch in ("sd3", "flux") and not e.blocks_to_swap:
         out.append("train.blocks_to_swap: N")
-    if e.optimizer == "adamw" and e.adapter.startswith("none"):
+    if e.optimizer == "adamw" and full:
         out.append("train.optimizer.type: adamw8bit")
+    if full:
+        out.append("a LoRA (network:) instead of a full fine-tune")
     out.append("a smaller batch or resolution")
     return out
