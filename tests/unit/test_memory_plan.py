@@ -88,13 +88,13 @@ def test_parts_add_up_and_weights_are_exact() -> None:
 
 def test_memory_options_move_the_part_they_should() -> None:
     sdxl = {"preset": "tiny"}
-    base = estimate_memory(job("sdxl", sdxl, 128))
-    checkpointed = estimate_memory(job("sdxl", sdxl, 128, gradient_checkpointing=True))
+    base = estimate_memory(job("sdxl", sdxl, 64))
+    checkpointed = estimate_memory(job("sdxl", sdxl, 64, gradient_checkpointing=True))
     assert checkpointed.activations < 0.7 * base.activations and checkpointed.weights == base.weights
-    cached = estimate_memory(job("sdxl", sdxl, 128, cached=True, train_text_encoder=False))
+    cached = estimate_memory(job("sdxl", sdxl, 64, cached=True, train_text_encoder=False))
     assert cached.weights < base.weights and cached.caches > 0
     assert (cached.text_encoders, cached.vae) == ("cached, off the device", "cached latents, off the device")
-    accumulating = estimate_memory(job("sdxl", sdxl, 128, gradient_accumulation_steps=2))
+    accumulating = estimate_memory(job("sdxl", sdxl, 64, gradient_accumulation_steps=2))
     assert accumulating.grads == base.trainable and base.grads < base.trainable
     full = job("sdxl", sdxl, 64, network=None, train_text_encoder=False)
     adamw = estimate_memory(full)
