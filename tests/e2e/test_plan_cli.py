@@ -54,7 +54,7 @@ def test_plan_real_size_sdxl(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_plan_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     loaded = write_job(tmp_path, model={"name_or_path": str(tmp_path / "model.safetensors")})
     assert main(["plan", str(loaded)]) == 2
-    assert "set model.arch" in capsys.readouterr().err
+    assert "is not here to tell its family; set model.arch" in capsys.readouterr().err
     assert main(["plan", str(write_job(tmp_path)), "--resolution", "500"]) == 2
     assert "height 500 must be a positive multiple of" in capsys.readouterr().err
     assert main(["plan", str(write_job(tmp_path)), "--blocks-to-swap", "4"]) == 2

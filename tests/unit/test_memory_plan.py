@@ -5,6 +5,8 @@ part it should."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +15,8 @@ import torch
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.loader import Batch
 from eridiffusion.models import build_family
-from eridiffusion.training.memory_plan import estimate_memory, step_loss
+from eridiffusion.models.stable_diffusion import load_preset
+from eridiffusion.training.memory_plan import _loaded_preset, estimate_memory, step_loss
 from eridiffusion.training.memory_report import format_estimate
 from eridiffusion.training.stages import trainable_parameters
 from eridiffusion.training.step import diffusion_loss
@@ -118,3 +121,13 @@ def test_refusals_name_the_setting() -> None:
         estimate_memory(job("tiny", TINY_OPTIONS, 16), quantize="fp4")
     with pytest.raises(ValueError, match="blocks_to_swap: 99 >= the denoiser's"):
         estimate_memory(job("flux", {"preset": "tiny"}, 64), blocks_to_swap=99)
+
+
+def test_a_loaded_model_is_planned_at_its_own_preset(tmp_path: Path) -> None:
+    folder = tmp_path / "my-finetuned-model"
+    (folder / "transformer").mkdir(parents=True)
+    config = {"_class_name": "SD3Transformer2DModel", **load_preset("sd3", "medium")["transformer"]}
+    (folder / "transformer" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert _loaded_preset("sd3", folder) == ("medium", "its transformer config matches the 'medium' preset")
+    assert _loaded_preset("flux", tmp_path / "flux1-schnell.safetensors")[0] == "schnell"
+    assert _loaded_preset("sd3", tmp_path / "model.safetensors") == ("large", "the family's usual size")

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +32,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.cache import encoder_names
 from eridiffusion.data.loader import Batch
-from eridiffusion.models import Conditioning, ModelFamily, build_family
+from eridiffusion.models import Conditioning, ModelFamily, build_family, detect_arch
+from eridiffusion.models.stable_diffusion import load_preset, preset_names
 from eridiffusion.training.bench import synthetic_batch
 from eridiffusion.training.memory_report import GIB, MemoryEstimate
 from eridiffusion.training.memory_trace import (
@@ -62,31 +65,54 @@ def _setting(obj: Any, path: str) -> Any:
     return obj
 
 
+def _loaded_preset(arch: str, path: Path) -> tuple[str | None, str]:
+    """(the real-size preset a loaded model most likely is, how it was chosen): a diffusers folder's
+    denoiser config matched against the presets', else a preset name in the path (``...-3.5-medium``),
+    else the family's usual one."""
+    real = [n for n in preset_names(arch) if "tiny" not in n]
+    component = "unet" if arch in ("sd15", "sdxl") else "transformer"
+    config_file = path / component / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        for name in real:
+            wanted = {k: v for k, v in load_preset(arch, name)[component].items() if not k.startswith("_")}
+            if all(config.get(k) == v for k, v in wanted.items()):
+                return name, f"its {component} config matches the '{name}' preset"
+    named = [n for n in real if n in path.name.lower()]
+    if len(named) == 1:
+        return named[0], f"'{named[0]}' in its name"
+    default = REAL_PRESETS.get(arch)
+    return default, "the family's usual size"
+
+
 def _architecture(cfg: JobConfig, preset: str | None) -> tuple[str, dict[str, Any], list[str]]:
     """(arch, build options, notes): a from-scratch config as written, a loaded one at a real-size preset
     (its weights are not read: only shapes matter)."""
     options = dict(cfg.model.options)
     notes: list[str] = []
+    arch = cfg.model.arch
     if cfg.model.name_or_path:
-        if cfg.model.arch is None:
+        path = Path(cfg.model.name_or_path)
+        if arch is None and path.exists():
+            arch = detect_arch(path)
+        if arch is None:
             raise ValueError(
-                "eri plan: set model.arch (the estimate builds the architecture from a preset and does not "
-                "read model.name_or_path's weights)"
+                f"eri plan: model.name_or_path '{path}' is not here to tell its family; set model.arch"
             )
         options = {k: v for k, v in options.items() if k != "preset"}
-        chosen = preset or REAL_PRESETS.get(cfg.model.arch)
+        chosen, how = (preset, "--preset") if preset else _loaded_preset(arch, path)
         if chosen is None:
-            raise ValueError(f"eri plan: give --preset for a loaded {cfg.model.arch} model")
+            raise ValueError(f"eri plan: give --preset for a loaded {arch} model")
         options["preset"] = chosen
         notes.append(
-            f"model.name_or_path is not read: estimated at the {cfg.model.arch} '{chosen}' preset "
-            "(--preset to choose another)"
+            f"model.name_or_path's weights are not read: planned at the {arch} '{chosen}' preset ({how}; "
+            "--preset to choose another)"
         )
-    elif cfg.model.arch is None:
+    elif arch is None:
         raise ValueError("eri plan: set model.arch (or model.name_or_path)")
     elif preset is not None:
         options["preset"] = preset
-    return cfg.model.arch, options, notes
+    return arch, options, notes
 
 
 def _amp(cfg: JobConfig) -> torch.dtype | None:
