@@ -86,7 +86,10 @@ def test_parts_add_up_and_weights_are_exact() -> None:
     assert "peak device memory" in text and "fits" not in text  # no --gpu-gb, no verdict
     small = format_estimate(dataclasses.replace(e, gpu_gb=0.5))
     assert "does NOT fit a 0.5 GiB GPU" in small and "train.gradient_checkpointing: true" in small
-    assert "fits a 80 GiB GPU" in format_estimate(dataclasses.replace(e, gpu_gb=80))
+    roomy = format_estimate(dataclasses.replace(e, gpu_gb=80))
+    assert "fits a 80 GiB GPU" in roomy and "warning: building the caches" not in roomy
+    tight = format_estimate(dataclasses.replace(e, gpu_gb=80, preparing=100 * 2**30))
+    assert "warning: building the caches puts all 100.0 GiB" in tight
 
 
 def test_memory_options_move_the_part_they_should() -> None:

@@ -91,6 +91,11 @@ def format_estimate(e: MemoryEstimate) -> str:
         lines.append(f"  {verdict} a {e.gpu_gb:g} GiB GPU")
         if not e.fits:
             lines.append(f"  to lower it: {'; '.join(_advice(e))}")
+        if e.preparing / GIB + CUDA_CONTEXT_GIB > e.gpu_gb:
+            lines.append(
+                f"  warning: building the caches puts all {e.preparing / GIB:.1f} GiB of weights on the "
+                "device at once with today's trainer (the step itself is what the verdict covers)"
+            )
     return "\n".join(lines)
 
 
