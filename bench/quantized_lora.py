@@ -5,7 +5,8 @@
 Trains the same LoRA (same data, seed and steps) on the full-precision base and on fp8 / int8 / nf4 bases of
 a family's tiny preset, applies each file to the full-precision base and compares its predictions with the
 full-precision LoRA's on fixed inputs: ``rel_to_full_lora`` is
-||pred_q - pred_full|| / ||pred_full - pred_base||, the share of the full LoRA's effect that differs. Also reports the denoiser's stored bytes per kind.
+||pred_q - pred_full|| / ||pred_full - pred_base||, the share of the full LoRA's effect that differs.
+Also reports the denoiser's stored bytes per kind.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``eri`` command line: train | validate | generate | serve | eval | convert | merge | bench | data |
+"""``eri`` command line: train | validate | plan | generate | serve | eval | convert | merge | bench | data |
 quickstart.
 
 Each sub-command parses its own arguments into plain values and calls one library function; nothing
@@ -122,12 +122,52 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config, args.overrides, refuse_unsupported=False)  # describe_plan lists them all
     print(describe_plan(cfg))
-    return 0
+    return print_memory_plan(cfg, args) if args.memory else 0
 
 
 def cmd_config_import(args: argparse.Namespace) -> int:
     print("\n".join(import_config(Path(args.file), Path(args.to), args.force)))
     return 0
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    """The options of the memory estimate (``eri plan``; ``eri validate --memory`` takes the same)."""
+    p.add_argument("--gpu-gb", type=float, default=None, help="say whether the step fits a GPU of this size")
+    p.add_argument("--preset", default=None, help="architecture preset (default: the config's / real size)")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the datasets' largest)")
+    p.add_argument(
+        "--quantize", choices=["none", "fp8", "int8", "nf4"], default=None, help="frozen base storage"
+    )
+    p.add_argument(
+        "--quantize-text-encoders", choices=["none", "fp8", "int8", "nf4"], default=None, help="text encoders"
+    )
+    p.add_argument("--blocks-to-swap", type=int, default=None, help="transformer blocks kept on the host")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
+def print_memory_plan(cfg: JobConfig, args: argparse.Namespace) -> int:
+    """Trace one training step of ``cfg`` on fake tensors and print its peak device memory (no GPU needed);
+    exit 1 when ``--gpu-gb`` is given and the step does not fit."""
+    from eridiffusion.training.memory_plan import estimate_memory
+    from eridiffusion.training.memory_report import format_estimate
+
+    if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
+        raise ValueError("--blocks-to-swap must be >= 0")
+    estimate = estimate_memory(
+        cfg,
+        gpu_gb=args.gpu_gb,
+        preset=args.preset,
+        quantize=args.quantize,
+        quantize_text_encoders=args.quantize_text_encoders,
+        blocks_to_swap=args.blocks_to_swap,
+        resolution=args.resolution,
+    )
+    print(json.dumps(estimate.as_dict(), indent=1) if args.json else format_estimate(estimate))
+    return 1 if estimate.fits is False else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    return print_memory_plan(_load(args.config, args.overrides), args)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -193,7 +233,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not d.is_dir():
             raise FileNotFoundError(f"--lora-dir '{d}' is not a folder")
     generator = Generator(
-        {model.name: model}, device=args.device, memory=memory_options(args), lora_dirs=lora_dirs,
+        {model.name: model},
+        device=args.device,
+        memory=memory_options(args),
+        lora_dirs=lora_dirs,
         allow_paths=True,
     )
     req = GenerateRequest(
@@ -401,6 +444,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.mixed_precision,
             args.gradient_checkpointing,
             args.peak_tflops,
+            compile=args.compile,
+            channels_last=args.channels_last,
+            tf32=args.tf32,
         )
     )
     text = json.dumps(result, indent=1)
@@ -434,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check CONFIG and print the training plan without training")
     with_config(p)
+    p.add_argument("--memory", action="store_true", help="also estimate the step's peak GPU memory")
+    add_plan_args(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("config", help="config files from other trainers")
@@ -443,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--to", required=True, help="eri config to write")
     imp.add_argument("--force", action="store_true", help="overwrite --to if it exists")
     imp.set_defaults(func=cmd_config_import)
+
+    p = sub.add_parser("plan", help="peak GPU memory of a training step of CONFIG, estimated without a GPU")
+    with_config(p)
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("quickstart", help="the embedded default: train tiny on synthetic shapes, then eval")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for the embedded config")
@@ -566,7 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: auto)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs, bf16/fp16: auto)"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (untimed compile step)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights for the denoiser (UNets)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls/convolutions (CUDA)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.set_defaults(func=cmd_bench)
 

@@ -23,7 +23,7 @@ from torch import nn
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.loader import Batch
 from eridiffusion.device import is_out_of_memory, release_memory
-from eridiffusion.models import ModelFamily
+from eridiffusion.models import Conditioning, ModelFamily
 from eridiffusion.training.engine import Engine
 from eridiffusion.training.losses import min_snr_weights, per_sample_loss
 from eridiffusion.training.schedules import ScheduleSettings, scheduled_lr
@@ -62,7 +62,29 @@ def diffusion_loss(
     n_all = batch.global_size or n
     rows = slice(batch.offset, batch.offset + n)
     drop = torch.rand(n_all, generator=gen)[rows] < batch.dropout_rates
-    captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
+
+    def conditioning() -> Conditioning:
+        if batch.cond is not None:
+            return batch.cached_conditioning(drop, device)
+        kept = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
+        return family.encode_prompt(kept)
+
+    return loss_after_dropout(family, batch, cfg, gen, device, conditioning)
+
+
+def loss_after_dropout(
+    family: ModelFamily,
+    batch: Batch,
+    cfg: JobConfig,
+    gen: torch.Generator,
+    device: torch.device,
+    conditioning: Callable[[], Conditioning],
+) -> torch.Tensor:
+    """:func:`diffusion_loss` after the caption-dropout draw; ``conditioning`` gives the batch's text
+    conditioning when the step needs it (after the latents, as the memory plan traces it too)."""
+    n = len(batch)
+    n_all = batch.global_size or n
+    rows = slice(batch.offset, batch.offset + n)
     # cached latents / text embeddings (datasets[].cache_*) stand in for the encoders when present
     if batch.latents is not None:
         x0 = batch.latents.to(device, non_blocking=True)
@@ -73,10 +95,7 @@ def diffusion_loss(
     timesteps = family.objective.sample_timesteps(n_all, gen, latent_shape=tuple(x0.shape[1:]))[rows]
     timesteps = timesteps.to(device)
     target = family.objective.make_target(x0, noise, timesteps)
-    if batch.cond is not None:
-        cond = batch.cached_conditioning(drop, device)
-    else:
-        cond = family.encode_prompt(captions)
+    cond = conditioning()
     size_cond = batch.size_conditioning()
     if size_cond is not None:  # SDXL's micro-conditioning; families without it ignore the entry
         cond["size_conditioning"] = size_cond.to(device)
