@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eridiffusion.config import ConfigError, load_config
 from eridiffusion.serving.security import BodyLimit, SafeJSONResponse, install_error_handlers, require_key
-from eridiffusion.ui.jobs import JobError, JobQueue, validate
+from eridiffusion.ui.jobs import Job, JobError, JobQueue, validate
 from eridiffusion.ui.runs import (
     NotFound,
     is_trainer,
@@ -41,6 +41,8 @@ from eridiffusion.ui.runs import (
 from eridiffusion.ui.zipstream import zip_folder
 
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}\.ya?ml$")
+STOP_GRACE_S = 30.0
+"""How long a resume waits for the stopped job of the same run to exit."""
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
@@ -72,6 +74,16 @@ class StartRequest(BaseModel):
 class Upload(BaseModel):
     name: str = Field(max_length=120, description="file name, e.g. my_lora.yaml")
     text: str = Field(max_length=1_000_000, description="the YAML text")
+
+
+def shown_status(status: str, job: Job | None) -> str:
+    """The run folder's status, or what the UI's job for it is doing while the folder does not say yet:
+    queued, starting (before run.json says running) or stopping (after a stop, before the process exits)."""
+    if job is None or status == "running":
+        return status
+    if job.state == "queued":
+        return "queued"
+    return "stopping" if job.stop_requested else "starting"
 
 
 def _not_found(exc: NotFound) -> HTTPException:
@@ -152,9 +164,7 @@ def create_ui_app(settings: UISettings) -> FastAPI:
     def runs_list() -> dict[str, Any]:
         listed = list_runs(runs)
         for r in listed:
-            job = queue.active(r["name"])
-            if job is not None and job.state == "queued":
-                r["status"] = "queued"
+            r["status"] = shown_status(r["status"], queue.active(r["name"]))
         return {"runs": listed, "jobs": queue.list()}
 
     @app.get("/api/runs/{name}", dependencies=auth)
@@ -165,6 +175,7 @@ def create_ui_app(settings: UISettings) -> FastAPI:
             raise _not_found(exc) from None
         job = queue.active(name)
         detail["job"] = job.public() if job is not None else None
+        detail["status"] = shown_status(detail["status"], job)
         return detail
 
     @app.get("/api/runs/{name}/metrics", dependencies=auth)
@@ -214,6 +225,9 @@ def create_ui_app(settings: UISettings) -> FastAPI:
     @app.post("/api/runs/{name}/resume", dependencies=auth)
     def resume(name: str) -> dict[str, Any]:
         run_dir = folder(name)
+        job = queue.active(name)
+        if job is not None and job.stop_requested:  # a stopped job writes its status before it exits
+            queue.wait(job, STOP_GRACE_S)
         status = run_status(read_json(run_dir / "run.json") or {})
         if status not in ("interrupted", "failed"):
             raise HTTPException(

@@ -143,6 +143,17 @@ class JobQueue:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
+    def wait(self, job: Job, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for ``job`` to end; whether it did."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while job.state in ("queued", "running"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
     def list(self) -> list[dict[str, object]]:
         with self._cond:
             return [j.public() for j in sorted(self.jobs.values(), key=lambda j: j.queued, reverse=True)]
@@ -203,3 +214,4 @@ class JobQueue:
             with self._cond:
                 job.returncode, job.ended = code, time.time()
                 job.state = "finished" if code == 0 else "stopped" if code == 130 else "failed"
+                self._cond.notify_all()

@@ -166,12 +166,12 @@ function drawCharts() {
 function renderDetail(d) {
   $("#detail").classList.remove("hidden");
   $("#run-name").textContent = d.name;
-  const status = d.job && d.job.state === "queued" ? "queued" : d.status;
+  const status = d.status;
   const badge = $("#run-status");
   badge.textContent = status;
   badge.className = `badge ${status}`;
   $("#run-step").textContent = `step ${d.step}${d.last_loss !== null ? `, loss ${fmt(d.last_loss)}` : ""}`;
-  $("#stop").disabled = !(status === "running" || status === "queued");
+  $("#stop").disabled = !["running", "queued", "starting"].includes(status);
   $("#resume").disabled = !(status === "interrupted" || status === "failed");
   $("#run-error").textContent = d.error;
   $("#run-error").classList.toggle("hidden", !d.error);
