@@ -265,3 +265,34 @@ def test_eri_ui_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["ui", "--runs", str(tmp_path), "--api-key", ""]) == EXIT_USER_ERROR
     assert "empty" in capsys.readouterr().err
     assert main(["ui", "--runs", str(tmp_path), "--gpus", "0"]) == EXIT_USER_ERROR
+
+
+def test_a_pipeline_run_shows_its_steps_transitions_eval_scores_and_adapter(tmp_path: Path) -> None:
+    """Pipeline steps in order with their summaries, the concept step's eval scores and grid, metrics rows
+    tagged by step (where the chart marks the transitions), and the LoRA file to download."""
+    from tests.e2e.test_pipeline import pipeline_job
+
+    job = pipeline_job(tmp_path, name="c")
+    job["pipeline"]["steps"][2]["eval"] = {"images_per_prompt": 1, "steps": 2}
+    assert main(["train", str(write_yaml(tmp_path / "c.yaml", job))]) == 0
+    with client(tmp_path) as c:
+        d = c.get("/api/runs/c").json()
+        assert [(s["index"], s["name"], s["summary"]["steps"]) for s in d["stages"]] == [
+            (0, "ae", 3),
+            (1, "diffusion", 6),
+            (2, "concept", 3),
+        ]
+        concept = d["stages"][2]
+        assert {"colour_accuracy", "shape_accuracy", "both_accuracy"} <= set(concept["eval"])
+        assert concept["eval_grid"] == "stages/2-concept/eval_grid.png"
+        assert c.get(f"/api/runs/c/files/{concept['eval_grid']}").content.startswith(b"\x89PNG")
+        assert d["stages"][0]["eval"] is None and "final_d_loss" in d["stages"][0]["summary"]
+        downloads = {f["path"] for f in d["downloads"]}
+        assert {"model", "stages/2-concept/concept.safetensors"} <= downloads
+        lora = c.get("/api/runs/c/files/stages/2-concept/concept.safetensors")
+        assert lora.status_code == 200 and "concept.safetensors" in lora.headers["content-disposition"]
+        rows = c.get("/api/runs/c/metrics").json()["rows"]
+        order = [r["stage"] for i, r in enumerate(rows) if i == 0 or rows[i - 1]["stage"] != r["stage"]]
+        assert order == ["ae", "diffusion", "concept"]
+        (listed,) = c.get("/api/runs").json()["runs"]
+        assert listed["status"] == "finished" and listed["step"] == 12 and listed["last_loss"] is not None

@@ -128,9 +128,11 @@ function drawChart(svg, series, marks) {
     const c = COLOURS[i % COLOURS.length];
     const d = s.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
     out += `<polyline class="series" fill="none" stroke="${c}" stroke-width="1.5" points="${d}"/>`;
-    if (series.length > 1) out += `<text x="${W - R - 110}" y="${T + 12 + 12 * i}" style="fill:${c}">${esc(s.name)}</text>`;
   });
   svg.innerHTML = out;
+  const legend = svg.parentElement.querySelector(".legend");
+  legend.innerHTML = series.length > 1
+    ? series.map((s, i) => `<span style="color:${COLOURS[i % COLOURS.length]}">${esc(s.name)}</span>`).join(" ") : "";
 }
 
 function chartSeries(rows, pick) {
