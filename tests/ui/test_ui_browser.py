@@ -37,9 +37,12 @@ def _browser() -> tuple[str, str]:
     try:
         import selenium  # noqa: F401
     except ImportError:
-        missing.append("the selenium package (pip install -e '.[dev]')")
+        missing.append("selenium")
     if missing:
-        reason = f"browser test skipped: no {', '.join(missing)} (apt-get install chromium chromium-driver)"
+        reason = (
+            f"browser test skipped: {', '.join(missing)} not found "
+            "(apt-get install chromium chromium-driver; pip install -e '.[dev]')"
+        )
         print(reason, file=sys.stderr)
         pytest.skip(reason)
     assert browser and driver
@@ -90,7 +93,7 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def test_start_watch_stop_and_resume_a_job_in_the_browser(ui_url: str, browser: Any) -> None:
+def test_start_watch_stop_and_resume_a_job_in_the_browser(browser: Any, ui_url: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
