@@ -181,11 +181,14 @@ def test_validate_problems_are_answered_and_nothing_starts(tmp_path: Path) -> No
     (tmp_path / "configs").mkdir()
     write_yaml(tmp_path / "configs" / "bad.yaml", job)
     (tmp_path / "configs" / "broken.yaml").write_text("name: t\ntrain: {stepz: 3}\n")
+    write_yaml(tmp_path / "configs" / "up.yaml", {**tiny_job(tmp_path), "name": ".."})
     with client(tmp_path) as c:
         r = c.post("/api/jobs", json={"config": "bad.yaml"})
         assert r.status_code == 422 and "no-such-folder" in r.json()["detail"]
         r = c.post("/api/jobs", json={"config": "broken.yaml"})
         assert r.status_code == 422 and "train.stepz" in r.json()["detail"]
+        r = c.post("/api/jobs", json={"config": "up.yaml"})
+        assert r.status_code == 422 and "must not start with '.'" in r.json()["detail"]
         assert c.get("/api/jobs").json() == {"jobs": []}
     assert not (tmp_path / "output" / "t").exists()
 
@@ -296,3 +299,40 @@ def test_a_pipeline_run_shows_its_steps_transitions_eval_scores_and_adapter(tmp_
         assert order == ["ae", "diffusion", "concept"]
         (listed,) = c.get("/api/runs").json()["runs"]
         assert listed["status"] == "finished" and listed["step"] == 12 and listed["last_loss"] is not None
+
+
+def test_eri_ui_serves_on_the_port_with_the_key_it_was_given(tmp_path: Path) -> None:
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = ["ui", "--runs", str(tmp_path / "runs"), "--configs", str(tmp_path), "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eridiffusion.cli", *cmd, "--api-key", "k"],
+        env=JOB_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.communicate()[0]
+            return False
+
+    try:
+        wait_for(up, 60, "eri ui to answer /health", every=0.3)
+        assert httpx.get(f"{url}/api/runs", timeout=5).status_code == 401
+        ok = httpx.get(f"{url}/api/runs", headers={"X-API-Key": "k"}, timeout=5)
+        assert ok.status_code == 200 and ok.json()["runs"] == []
+        assert (tmp_path / "runs").is_dir()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}" in out and "Traceback" not in out

@@ -273,6 +273,8 @@ def create_ui_app(settings: UISettings) -> FastAPI:
             cfg = load_config(path, [f"output_dir={runs}"])
         except (ConfigError, OSError, ValueError) as exc:
             raise HTTPException(422, detail=str(exc)) from None
+        if cfg.name.startswith("."):  # '..' would put the run beside the runs folder, '.x' hides it
+            raise HTTPException(422, detail=f"{body.config}: name {cfg.name!r} must not start with '.'")
         return start(cfg.name, path)
 
     @app.get("/api/jobs", dependencies=auth)
