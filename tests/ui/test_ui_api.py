@@ -202,9 +202,11 @@ def _job(c: TestClient) -> dict:
     return c.get("/api/jobs").json()["jobs"][0]
 
 
+@pytest.mark.slow
 def test_start_stop_and_resume_a_job_through_the_api(tmp_path: Path) -> None:
     """A real ``eri train`` subprocess: started after validation, stopped gracefully (checkpoint, exit 130,
-    status interrupted), resumed from its own config.yaml to the end."""
+    status interrupted), resumed from its own config.yaml to the end. (~35 s: two validations and two trainer
+    start-ups; the browser test runs the same flow in the default suite.)"""
     job_config(tmp_path, steps=80)
     with client(tmp_path, stop_jobs_on_exit=True) as c:
         started = c.post("/api/jobs", json={"config": "job.yaml"})

@@ -51,9 +51,11 @@ def _browser() -> tuple[str, str]:
 
 @pytest.fixture
 def ui_url(tmp_path: Path) -> Iterator[str]:
-    """``eri ui`` over ``tmp_path`` on a free 127.0.0.1 port, in a thread; its jobs are stopped at the end."""
-    sample = {"prompts": ["a red circle", "a blue square"], "steps": 4, "images_per_prompt": 2, "every": 10}
-    job_config(tmp_path, steps=120, sample=sample)
+    """``eri ui`` over ``tmp_path`` on a free 127.0.0.1 port, in a thread; its jobs are stopped at the end
+    (after the browser has quit: the server waits for open connections)."""
+    _browser()  # skip before starting anything
+    sample = {"prompts": ["a red circle", "a blue square"], "steps": 4, "images_per_prompt": 2, "every": 15}
+    job_config(tmp_path, steps=150, sample=sample)
     settings = UISettings(
         runs=tmp_path / "output",
         configs=tmp_path / "configs",
@@ -64,7 +66,13 @@ def ui_url(tmp_path: Path) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_ui_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_ui_app(settings),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -93,7 +101,7 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def test_start_watch_stop_and_resume_a_job_in_the_browser(browser: Any, ui_url: str) -> None:
+def test_start_watch_stop_and_resume_a_job_in_the_browser(ui_url: str, browser: Any) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -114,14 +122,13 @@ def test_start_watch_stop_and_resume_a_job_in_the_browser(browser: Any, ui_url: 
     first = wait_for(points, 60, "a first point on the loss curve")
     wait_for(lambda: points() > first + 5, 60, "the loss curve to grow")
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#samples img.sample"), 60, "a sample grid")
+    browser.find_element(By.CSS_SELECTOR, "#stop").click()  # at once: the tiny job trains ~15 steps/s
+    wait_for(lambda: text("#run-status") == "interrupted", 60, "the stopped run")
     sample = browser.find_element(By.CSS_SELECTOR, "#samples img.sample")
     wait_for(lambda: browser.execute_script("return arguments[0].naturalWidth", sample), 20, "the grid image")
     sample.click()  # click to enlarge
     assert browser.find_element(By.CSS_SELECTOR, "#lightbox").is_displayed()
     browser.find_element(By.CSS_SELECTOR, "#lightbox").click()
-
-    browser.find_element(By.CSS_SELECTOR, "#stop").click()
-    wait_for(lambda: text("#run-status") == "interrupted", 60, "the stopped run")
     stopped_at = points()
     wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "#resume").is_enabled(), 10, "the resume button")
     assert "stopped at step" in text("#log")
@@ -131,7 +138,7 @@ def test_start_watch_stop_and_resume_a_job_in_the_browser(browser: Any, ui_url: 
     except AssertionError as exc:
         page = {css: text(css) for css in ("#run-status", "#validate-output", "#run-error", "#jobs", "#log")}
         raise AssertionError(f"{exc}; the page shows {page}") from None
-    wait_for(lambda: points() >= 120 > stopped_at, 20, "the whole loss curve")
+    wait_for(lambda: points() >= 150 > stopped_at, 20, "the whole loss curve")
     assert "model" in text("#downloads")
     assert "finished" in text("#runs tbody")
     browser.execute_script("window.scrollTo(0, 0)")
