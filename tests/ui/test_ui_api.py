@@ -198,8 +198,10 @@ def _rows(c: TestClient) -> int:
     return len(r.json()["rows"]) if r.status_code == 200 else 0
 
 
-def _job(c: TestClient) -> dict:
-    return c.get("/api/jobs").json()["jobs"][0]
+def _job(c: TestClient, job_id: str | None = None) -> dict:
+    """The job ``job_id``, or the newest one."""
+    jobs = c.get("/api/jobs").json()["jobs"]
+    return next(j for j in jobs if j["id"] == job_id) if job_id else jobs[0]
 
 
 @pytest.mark.slow
@@ -338,3 +340,25 @@ def test_eri_ui_serves_on_the_port_with_the_key_it_was_given(tmp_path: Path) -> 
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_one_job_trains_at_a_time_and_the_next_waits_in_the_queue(tmp_path: Path) -> None:
+    """With one slot the second job waits (queued) while the first trains; a queued job is cancelled
+    without ever starting, a running one stopped. (~20 s: two validations and a trainer start-up.)"""
+    job_config(tmp_path, steps=400)
+    other = tiny_job(tmp_path, name="u")
+    write_yaml(tmp_path / "configs" / "other.yaml", other)
+    with client(tmp_path, stop_jobs_on_exit=True) as c:
+        first = c.post("/api/jobs", json={"config": "job.yaml"}).json()["job"]
+        second = c.post("/api/jobs", json={"config": "other.yaml"}).json()["job"]
+        wait_for(lambda: _rows(c) >= 1, 120, "the first job's first step")
+        states = {j["run"]: j["state"] for j in c.get("/api/jobs").json()["jobs"]}
+        assert states == {"t": "running", "u": "queued"}
+        assert c.post(f"/api/jobs/{second['id']}/stop").json()["job"]["state"] == "cancelled"
+        assert c.post(f"/api/jobs/{second['id']}/stop").status_code == 409
+        assert c.post("/api/jobs/nope/stop").status_code == 404
+        c.post(f"/api/jobs/{first['id']}/stop")
+        wait_for(lambda: _job(c, first["id"])["state"] != "running", 120, "the first job to end")
+        assert _job(c, first["id"])["state"] == "stopped"
+    assert not (tmp_path / "output" / "u").exists()

@@ -281,6 +281,17 @@ def create_ui_app(settings: UISettings) -> FastAPI:
     def jobs() -> dict[str, Any]:
         return {"jobs": queue.list()}
 
+    @app.post("/api/jobs/{job_id}/stop", dependencies=auth)
+    def stop_job(job_id: str) -> dict[str, Any]:
+        """Cancel a queued job (its run may have no folder yet) or stop a running one."""
+        job = queue.jobs.get(job_id)
+        if job is None:
+            raise _not_found(NotFound(job_id))
+        if job.state not in ("queued", "running"):
+            raise HTTPException(409, detail=f"job {job_id} has ended ({job.state})")
+        queue.stop(job)
+        return {"job": job.public()}
+
     @app.exception_handler(StarletteHTTPException)
     def _http(request: Request, exc: Exception) -> SafeJSONResponse:
         """A URL no route matches reads like any other missing name (one 404 text for everything)."""

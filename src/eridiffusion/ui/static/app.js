@@ -99,7 +99,8 @@ async function refreshRuns() {
       <td>${fmt(r.last_loss)}</td><td>${esc(r.started.replace("T", " ").replace("Z", ""))}</td>
     </tr>`).join("");
   $("#jobs").innerHTML = data.jobs.slice(0, 10).map((j) =>
-    `<li>${esc(j.run)} (${esc(j.config)}): ${esc(j.state)}${j.returncode !== null ? `, exit ${j.returncode}` : ""}</li>`).join("");
+    `<li>${esc(j.run)} (${esc(j.config)}): ${esc(j.state)}${j.returncode !== null ? `, exit ${j.returncode}` : ""}
+     ${j.state === "queued" ? `<button class="cancel" data-job="${esc(j.id)}">cancel</button>` : ""}</li>`).join("");
 }
 
 // ---- charts ------------------------------------------------------------------------------------------------
@@ -267,6 +268,12 @@ document.addEventListener("click", (ev) => {
   $("#lightbox img").src = img.src;
   $("#lightbox p").textContent = img.dataset.label;
   $("#lightbox").classList.remove("hidden");
+});
+$("#jobs").addEventListener("click", async (ev) => {
+  const button = ev.target.closest("button.cancel");
+  if (!button) return;
+  try { await post(`/api/jobs/${enc(button.dataset.job)}/stop`); } catch (err) { showValidation(err.message, true); }
+  refreshRuns();
 });
 $("#lightbox").addEventListener("click", () => $("#lightbox").classList.add("hidden"));
 window.addEventListener("hashchange", selectFromHash);
