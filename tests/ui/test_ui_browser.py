@@ -54,8 +54,9 @@ def ui_url(tmp_path: Path) -> Iterator[str]:
     """``eri ui`` over ``tmp_path`` on a free 127.0.0.1 port, in a thread; its jobs are stopped at the end
     (after the browser has quit: the server waits for open connections)."""
     _browser()  # skip before starting anything
-    sample = {"prompts": ["a red circle", "a blue square"], "steps": 4, "images_per_prompt": 2, "every": 15}
-    job_config(tmp_path, steps=150, sample=sample)
+    sample = {"prompts": ["a red circle", "a blue square"], "steps": 4, "images_per_prompt": 2, "every": 30}
+    cfg = job_config(tmp_path, steps=300, sample=sample)
+    cfg.write_text(cfg.read_text().replace("lr_warmup_steps: 1", "lr_warmup_steps: 20\n  lr_scheduler: cosine"))
     settings = UISettings(
         runs=tmp_path / "output",
         configs=tmp_path / "configs",
@@ -122,7 +123,7 @@ def test_start_watch_stop_and_resume_a_job_in_the_browser(ui_url: str, browser: 
     first = wait_for(points, 60, "a first point on the loss curve")
     wait_for(lambda: points() > first + 5, 60, "the loss curve to grow")
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#samples img.sample"), 60, "a sample grid")
-    browser.find_element(By.CSS_SELECTOR, "#stop").click()  # at once: the tiny job trains ~15 steps/s
+    browser.find_element(By.CSS_SELECTOR, "#stop").click()  # at once: the tiny job trains ~20 steps/s
     wait_for(lambda: text("#run-status") == "interrupted", 60, "the stopped run")
     sample = browser.find_element(By.CSS_SELECTOR, "#samples img.sample")
     wait_for(lambda: browser.execute_script("return arguments[0].naturalWidth", sample), 20, "the grid image")
@@ -138,7 +139,7 @@ def test_start_watch_stop_and_resume_a_job_in_the_browser(ui_url: str, browser: 
     except AssertionError as exc:
         page = {css: text(css) for css in ("#run-status", "#validate-output", "#run-error", "#jobs", "#log")}
         raise AssertionError(f"{exc}; the page shows {page}") from None
-    wait_for(lambda: points() >= 150 > stopped_at, 20, "the whole loss curve")
+    wait_for(lambda: points() >= 300 > stopped_at, 20, "the whole loss curve")
     assert "model" in text("#downloads")
     assert "finished" in text("#runs tbody")
     browser.execute_script("window.scrollTo(0, 0)")
