@@ -24,11 +24,11 @@ def wait_for(check: Callable[[], T], seconds: float, what: str, every: float = 0
         time.sleep(every)
 
 
-def job_config(root: Path, steps: int, **sections: Any) -> Path:
+def job_config(root: Path, steps: int, train: dict[str, Any] | None = None, **sections: Any) -> Path:
     """``root/configs/job.yaml``: a tiny run named ``t`` whose data lives in ``root``; checkpoints only at the
-    end or on a stop."""
+    end or on a stop; ``train`` updates the train section."""
     job = tiny_job(root, **sections)
-    job["train"]["steps"] = steps
+    job["train"].update(steps=steps, **(train or {}))
     job["save"] = {"every": 1000, "keep": 2}
     (root / "configs").mkdir(exist_ok=True)
     return write_yaml(root / "configs" / "job.yaml", job)

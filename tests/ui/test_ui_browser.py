@@ -55,8 +55,7 @@ def ui_url(tmp_path: Path) -> Iterator[str]:
     (after the browser has quit: the server waits for open connections)."""
     _browser()  # skip before starting anything
     sample = {"prompts": ["a red circle", "a blue square"], "steps": 4, "images_per_prompt": 2, "every": 30}
-    cfg = job_config(tmp_path, steps=300, sample=sample)
-    cfg.write_text(cfg.read_text().replace("lr_warmup_steps: 1", "lr_warmup_steps: 20\n  lr_scheduler: cosine"))
+    job_config(tmp_path, steps=300, train={"lr_warmup_steps": 20, "lr_scheduler": "cosine"}, sample=sample)
     settings = UISettings(
         runs=tmp_path / "output",
         configs=tmp_path / "configs",
