@@ -1,5 +1,5 @@
-"""``eri`` command line: train | validate | plan | generate | serve | eval | convert | merge | bench | data |
-quickstart.
+"""``eri`` command line: train | validate | plan | generate | serve | ui | eval | convert | merge | bench |
+data | quickstart.
 
 Each sub-command parses its own arguments into plain values and calls one library function; nothing
 downstream sees argparse objects.
@@ -595,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=8, help="largest batch per request")
     add_memory_args(p)
     p.set_defaults(func=cmd_serve)
+
+    from eridiffusion.ui.command import add_ui_command
+
+    add_ui_command(sub)
 
     p = sub.add_parser("convert", help="rewrite an adapter file in another layout (kohya <-> diffusers)")
     p.add_argument("src", help="adapter file (kohya/ComfyUI, LyCORIS, diffusers or peft layout)")
