@@ -14,7 +14,6 @@ needs the weights, the optimizers, the EMA and a few counters.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -22,28 +21,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from eridiffusion.config.load import dump_config
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.loader import ImageSource, open_sources
 from eridiffusion.data.vocabulary import job_captions, warn_caption_truncation
 from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models import ModelFamily, build_family, load_family
-from eridiffusion.networks import export_network
-from eridiffusion.networks.metadata import RunCounters, model_card, training_metadata
+from eridiffusion.networks.metadata import model_card
 from eridiffusion.progress import progress_bar
 from eridiffusion.training.checkpoint import CheckpointManager, TrainState, atomic_write_dir
 from eridiffusion.training.engine import Engine, create_engine
 from eridiffusion.training.logs import RunLogger
 from eridiffusion.training.pipeline import (
     StagePlan,
-    changed_paths,
-    pipeline_snapshot,
     plan_stages,
-    stage_datasets,
 )
 from eridiffusion.training.preflight import check_before_loading
+from eridiffusion.training.resume import (
+    adapter_name,
+    counters,
+    export_info,
+    initial_state,
+    restore,
+    result_fingerprint,
+    save_checkpoint,
+)
 from eridiffusion.training.runs import Loaded, find_resume, is_finished, mark_finished, open_run
 from eridiffusion.training.samples import ema_weights, save_samples
 from eridiffusion.training.stages import (
@@ -99,20 +101,6 @@ class Run:
     started: float = field(default_factory=time.time)
 
 
-def config_fingerprint(cfg: JobConfig) -> str:
-    """Hash of the settings that change the weights a run produces (not steps, saving, sampling, logging)."""
-    data = cfg.model_dump(mode="json", exclude={"save", "sample", "logging", "eval", "output_dir", "name"})
-    for key in ("steps", "num_workers", "distributed"):  # same batches for any worker/process layout
-        data["train"].pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def result_fingerprint(cfg: JobConfig) -> str:
-    """What a finished run's output is the result of: the weights' settings and its length."""
-    extra = json.dumps(pipeline_snapshot(cfg), sort_keys=True) if cfg.pipeline else str(cfg.train.steps)
-    return hashlib.sha256(f"{config_fingerprint(cfg)}:{extra}".encode()).hexdigest()[:16]
-
-
 def load_or_build(cfg: JobConfig) -> ModelFamily:
     if cfg.model.name_or_path:  # load_family refuses model.options for families that only build with them
         return load_family(cfg.model.name_or_path, cfg.model)
@@ -132,9 +120,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     run_dir = cfg.run_dir
     with engine.main_first():  # scan first: a bad path fails before a model loads; main generates data
         sources = open_sources(cfg.datasets)
-    info = engine.broadcast(
-        open_run(run_dir, cfg.save.resume, _adapter_name(cfg)) if engine.is_main else None
-    )
+    info = engine.broadcast(open_run(run_dir, cfg.save.resume, adapter_name(cfg)) if engine.is_main else None)
     fingerprint = result_fingerprint(cfg)
     if is_finished(info, fingerprint, run_dir):
         logger.info("%s already finished with this config: %s (nothing to do)", cfg.name, info.output)
@@ -145,7 +131,7 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.save.keep, info.run_id)
     with engine.main_first():  # only the main process renames damaged checkpoints aside
         resume = find_resume(ckpts, cfg.save.resume, engine.is_main)
-    state = _initial_state(cfg, info.run_id, engine, resume)
+    state = initial_state(cfg, info.run_id, engine, resume)
     family: ModelFamily | None = load_or_build(cfg)
     plans = _plan(cfg, family)
     if engine.is_main:  # once per job: captions the text encoders would cut
@@ -211,39 +197,6 @@ def _run_stages(
             summary = json.dumps(state.stages_done, indent=1)
             (run_dir / "pipeline_summary.json").write_text(summary, encoding="utf-8")
     return output
-
-
-def _adapter_name(cfg: JobConfig) -> str:
-    return f"{cfg.name}.safetensors"
-
-
-def _initial_state(
-    cfg: JobConfig, run_id: str, engine: Engine, resume: tuple[Path, Loaded] | None
-) -> TrainState:
-    """A fresh state, or the checkpoint's after checking it belongs to this config."""
-    snapshot = pipeline_snapshot(cfg) if cfg.pipeline else {}
-    fresh = TrainState(config_hash=config_fingerprint(cfg), run_id=run_id, world_size=engine.world)
-    fresh.pipeline = snapshot
-    if resume is None:
-        return fresh
-    path, (saved, *_) = resume
-    if cfg.pipeline is not None:
-        changed = changed_paths(saved.pipeline, snapshot)
-        if changed:
-            raise ValueError(
-                f"the pipeline config changed since checkpoint {path}: {', '.join(changed[:8])}"
-                "; restore it, or train into a new output folder (change `name`)"
-            )
-    elif saved.config_hash != fresh.config_hash:
-        logger.warning(
-            "resuming %s with a changed config (fingerprint %s -> %s); results will differ from "
-            "an uninterrupted run",
-            path,
-            saved.config_hash,
-            fresh.config_hash,
-        )
-    saved.run_id, saved.config_hash = run_id, fresh.config_hash
-    return saved
 
 
 def _plan(cfg: JobConfig, family: ModelFamily) -> list[StagePlan]:
@@ -350,53 +303,6 @@ def _samples(run: Run, family: ModelFamily, live: LiveStage, state: TrainState, 
         run.log.image(state.step, path, group)
 
 
-def _counters(run: Run, live: LiveStage, state: TrainState) -> RunCounters:
-    """What the exported file's training metadata needs beyond the config."""
-    session = int(run.run_id[:8], 16) if run.run_id else 0  # kohya's ss_session_id, stable across resume
-    data = live.data
-    return RunCounters(
-        state.step, state.epoch, data.batches_per_epoch, data.captions, session, run.started, time.time()
-    )
-
-
-def _export_info(run: Run, family: ModelFamily, live: LiveStage, state: TrainState) -> dict[str, str]:
-    """The adapter file's header: ours, plus kohya's ss_* and modelspec.* keys that tools read."""
-    cfg = run.cfg
-    ours = {
-        "eri_base_model": cfg.model.name_or_path or f"scratch:{family.arch}",
-        "eri_config_hash": config_fingerprint(cfg),
-        "eri_steps": str(state.step),
-    }
-    if not live.plan.single:  # the step's own datasets and network describe what it trained
-        stage = live.plan.config
-        ours = {"eri_stage": stage.name, "eri_base_model": "previous pipeline step"}
-        cfg = cfg.model_copy(update={"datasets": stage_datasets(cfg, stage), "network": stage.network})
-    meta = training_metadata(cfg, family.arch, family.objective.prediction_type, _counters(run, live, state))
-    return {**meta, **ours}
-
-
-def save_checkpoint(run: Run, family: ModelFamily, live: LiveStage, state: TrainState) -> None:
-    """The one place a resumable checkpoint is written (main process): weights being trained, optimizers,
-    EMA and counters, plus the usable adapter file of a single-stage LoRA run."""
-    cfg, engine = run.cfg, run.engine
-    weights = {k: engine.full_tensor(p).detach().float() for k, p in live.params().items()}
-    optimizers = engine.optimizer_state(live.optimizers())
-    if engine.is_main:
-        extra = None
-        if live.plan.single and cfg.network is not None:
-            net, info = cfg.network, _export_info(run, family, live, state)
-
-            def extra(folder: Path) -> None:
-                with live.eval_weights():  # schedule-free: the averaged weights are the usable ones
-                    export_network(
-                        family, net, folder / _adapter_name(cfg), cfg.save.format, cfg.save.dtype, info
-                    )
-
-        ema = live.ema.state_dict() if live.ema is not None else None
-        run.ckpts.save(state, weights, optimizers, ema, extra=extra)
-    engine.barrier()
-
-
 def _end_stage(
     run: Run,
     family: ModelFamily,
@@ -412,9 +318,9 @@ def _end_stage(
     if live.ema is not None:  # the average is the step's result: what is saved, sampled and passed on
         live.ema.swap_into(live.ema_params())
     with live.offload.restored():
-        card = model_card(cfg, family.arch, _counters(run, live, state)) if plan.single else None
+        card = model_card(cfg, family.arch, counters(run, live, state)) if plan.single else None
         with live.eval_weights(), engine.gathered(family.modules().values()):
-            output = finish_stage(cfg, family, live, engine, _export_info(run, family, live, state), card)
+            output = finish_stage(cfg, family, live, engine, export_info(run, family, live, state), card)
         _samples(run, family, live, state, "train" if plan.single else plan.config.name)
         with live.eval_weights():
             scores = evaluate_stage(cfg, family, live, engine) if plan.config.eval and engine.is_main else {}
@@ -433,44 +339,3 @@ def _end_stage(
         run.ckpts.save(state, {}, OptimizerSet([]), None)
     engine.barrier()
     return output
-
-
-def restore(live: LiveStage, resume: tuple[Path, Loaded], engine: Engine, state: TrainState) -> None:
-    """Load a checkpoint's weights, optimizer states and EMA into the running stage."""
-    path, (saved, weights, opt_state, ema_state) = resume
-    missing = set(live.params()) - set(weights)
-    if missing:
-        raise ValueError(
-            f"checkpoint '{path}' does not match this model: {len(missing)} trainable tensors "
-            f"missing, e.g. {sorted(missing)[:3]}; restore the config it was trained with, or change `name`"
-        )
-    reshaped = [(k, tuple(weights[k].shape), tuple(p.shape)) for k, p in live.params().items()]
-    reshaped = [r for r in reshaped if r[1] != r[2]]
-    if reshaped:
-        name, saved_shape, shape = reshaped[0]
-        raise ValueError(
-            f"checkpoint '{path}' does not match this model: {len(reshaped)} tensors changed shape (e.g. "
-            f"{name}: {saved_shape} saved, {shape} now). Did model.options, the network rank or (for a model "
-            "built from scratch, whose tokenizer learns them) the captions change? Restore them, or change "
-            "`name` to start a new run"
-        )
-    with torch.no_grad():
-        for name, p in live.params().items():
-            engine.load_into(p, weights[name])
-    engine.load_optimizer_state(live.optimizers(), opt_state)
-    if live.ema is not None:
-        if ema_state is None:
-            raise RuntimeError(f"checkpoint '{path}' has no EMA weights but this run uses EMA")
-        live.ema.load_state_dict(ema_state, saved.ema_updates)
-    if saved.world_size != engine.world:
-        # the global batch (per-process batch x processes) changed, so the old micro-batch count means
-        # other batches: start the epoch the checkpoint was in again
-        state.stage_micro_batches = live.data.epoch_start(saved.epoch)
-        logger.warning(
-            "resuming a %d-process checkpoint with %d processes: the data order restarts at the beginning "
-            "of epoch %d",
-            saved.world_size,
-            engine.world,
-            saved.epoch,
-        )
-        state.world_size = engine.world
