@@ -85,6 +85,15 @@ def test_examples_validate_as_written(example: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.parametrize("example", ["train_lora_flux_24gb.yaml"], indirect=True)
+def test_flux_sample_settings_apply(example: Path) -> None:
+    """The example's sample width/height/walk_seed are eri's own keys now: they size the sample grid."""
+    from eridiffusion.config import load_config
+
+    s = load_config(example, ["train.device=auto"]).sample
+    assert (s.width, s.height, s.walk_seed) == (1024, 1024, True)
+
+
+@pytest.mark.parametrize("example", ["train_lora_flux_24gb.yaml"], indirect=True)
 def test_flux_mapping_is_printed(example: Path, capsys: pytest.CaptureFixture) -> None:
     main(["validate", str(example), "model.quantize=none", "train.device=auto"])
     err = capsys.readouterr().err
@@ -100,7 +109,6 @@ def test_flux_mapping_is_printed(example: Path, capsys: pytest.CaptureFixture) -
         "config.process[0].sample.sampler -> sample.sampler = 'flow_euler'",
         "config.process[0].sample.neg -> sample.negative_prompt = ''",
         "config.process[0].train.train_unet: True is what eri does anyway",
-        "config.process[0].sample.width: not applied (only how sample images look",
         "meta.name -> save.metadata.name = 'my_first_flux_lora_v1'",
     ):
         assert line in err, line

@@ -143,18 +143,27 @@ def _network_kwargs(t: Translation, src: str, section: str, value: Any) -> None:
             t.refuse(f"{src}.{key}", "no equivalent; eri's network keys are listed in the README")
 
 
+SAMPLE_PROMPT_KEYS = {"prompt", "neg", "negative_prompt", "width", "height", "seed", "guidance_scale", "cfg",
+                      "sample_steps", "steps"}  # fmt: skip
+
+
 def _sample_prompts(t: Translation, src: str, section: str, value: Any) -> None:
-    """ai-toolkit's UI writes ``samples: [{prompt: ...}]``; per-sample sizes/seeds are sampling looks only."""
-    prompts = []
+    """ai-toolkit's ``samples: [{prompt: ..., width: ..., seed: ...}]`` (or plain strings): each becomes a
+    sample.prompts row with its own settings; keys with no equivalent are reported, not dropped silently."""
+    prompts: list[Any] = []
     for i, item in enumerate(value or []):
         prompt = item.get("prompt") if isinstance(item, dict) else item
         if not isinstance(prompt, str):
             t.refuse(f"{src}[{i}]", "needs a prompt")
             continue
-        prompts.append(prompt)
-        extra = sorted(set(item) - {"prompt"}) if isinstance(item, dict) else []
+        if not isinstance(item, dict):
+            prompts.append(item)
+            continue
+        extra = sorted(set(item) - SAMPLE_PROMPT_KEYS)
         if extra:
-            t.ignore(f"{src}[{i}].{'/'.join(extra)}", "per-prompt sample settings are not supported yet")
+            t.ignore(f"{src}[{i}].{'/'.join(extra)}", "per-prompt setting with no eri equivalent")
+        kept = {k: v for k, v in item.items() if k in SAMPLE_PROMPT_KEYS}
+        prompts.append(kept if set(kept) != {"prompt"} else prompt)
     t.put(src, f"{section}.prompts", prompts, note=not src.endswith(".prompts") or prompts != value)
 
 
@@ -233,10 +242,10 @@ SAMPLE_KEYS: dict[str, Handler] = {
     "neg": move("negative_prompt"),
     "samples": _sample_prompts,
     "prompts": _sample_prompts,
-    "walk_seed": cosmetic("eri always gives image i the seed sample.seed + i"),
+    "walk_seed": move("walk_seed"),
     "sample_start_step": cosmetic(NO_SAMPLE_FIRST),
-    "width": cosmetic(SAMPLE_ONLY),
-    "height": cosmetic(SAMPLE_ONLY),
+    "width": move("width"),
+    "height": move("height"),
     "num_frames": only(1, "video sampling is not supported; set num_frames: 1"),
     "fps": cosmetic("video only"),
 }

@@ -178,6 +178,7 @@ class TrainConfig(Strict):
     def _yaml_no(cls, value: Any) -> Any:
         """YAML reads a bare ``no`` as false: ``mixed_precision: no`` means no mixed precision."""
         return "no" if value is False else value
+
     gradient_checkpointing: bool = False
     loss: Literal["mse", "l1", "huber"] = "mse"
     huber_delta: float = Field(default=0.1, gt=0)
@@ -218,15 +219,75 @@ class SaveConfig(Strict):
     )
 
 
+class SamplePrompt(Strict):
+    """One row of the sample grid with its own settings (ai-toolkit's ``samples`` list of dicts); unset
+    fields take the ``sample`` section's. A plain string may carry kohya's flags instead."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = Field(default=None, ge=8)
+    height: int | None = Field(default=None, ge=8)
+    seed: int | None = None
+    steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        """ai-toolkit's and kohya's names for the same settings."""
+        if isinstance(data, dict):
+            names = {"neg": "negative_prompt", "cfg": "guidance_scale", "sample_steps": "steps"}
+            data = {names.get(k, k): v for k, v in data.items()}
+        return data
+
+    @classmethod
+    def from_line(cls, text: str) -> SamplePrompt:
+        """kohya's prompt line: ``a cat --w 512 --h 768 --d 42 --l 7.5 --s 28 --n blurry, low quality``; a
+        flag's value runs to the next flag, so a negative prompt may hold spaces and commas."""
+        parts = text.split(" --")
+        fields: dict[str, Any] = {"prompt": parts[0].strip()}
+        for part in parts[1:]:
+            flag, _, value = part.partition(" ")
+            name = PROMPT_FLAGS.get(flag)
+            if name is None:
+                known = " ".join(f"--{f}" for f in PROMPT_FLAGS)
+                raise ValueError(f"unknown flag --{flag} in {text!r}; known: {known}")
+            fields[name] = value.strip()
+        return cls.model_validate(fields)
+
+
+PROMPT_FLAGS = {
+    "w": "width",
+    "h": "height",
+    "d": "seed",
+    "l": "guidance_scale",
+    "s": "steps",
+    "n": "negative_prompt",
+}
+"""kohya's sample prompt flags (sd-scripts' ``--sample_prompts`` file format)."""
+
+
 class SampleConfig(Strict):
     every: int | None = Field(default=None, ge=1, description="sample grid every N steps; null: only at end")
-    prompts: list[str] = Field(default_factory=list)
+    prompts: list[str | SamplePrompt] = Field(
+        default_factory=list,
+        description="one grid row each: a string (kohya flags --w --h --d --l --s --n allowed) or a mapping",
+    )
     negative_prompt: str = ""
     steps: int = Field(default=25, ge=1)
     guidance_scale: float = Field(default=4.0, ge=0)
-    sampler: str = "ddim"
+    sampler: str | None = Field(default=None, description="null: the family's (DDIM; Flow Euler for flow)")
     seed: int = 0
     images_per_prompt: int = Field(default=4, ge=1)
+    width: int | None = Field(default=None, ge=8, description="null: the model's training size")
+    height: int | None = Field(default=None, ge=8, description="null: the model's training size")
+    walk_seed: bool = Field(default=False, description="row i starts at seed + i x images_per_prompt")
+
+    @field_validator("prompts", mode="after")
+    @classmethod
+    def _prompt_flags(cls, prompts: list[str | SamplePrompt]) -> list[str | SamplePrompt]:
+        """Read kohya's flags now, so a typo fails at load time naming sample.prompts."""
+        return [SamplePrompt.from_line(p) if isinstance(p, str) and " --" in p else p for p in prompts]
 
 
 class WandbConfig(Strict):

@@ -201,7 +201,7 @@ def _run_stages(
 
 def _plan(cfg: JobConfig, family: ModelFamily) -> list[StagePlan]:
     """The stages to run, after the checks that would otherwise fail only later (sampler, image sizes)."""
-    if cfg.sample.prompts:  # a wrong sampler would otherwise only fail at the first sample grid
+    if cfg.sample.prompts and cfg.sample.sampler:  # else it would fail only at the first sample grid
         try:
             check_sampler(cfg.sample.sampler, family.objective.prediction_type)
         except ValueError as exc:

@@ -123,7 +123,7 @@ def _describe_pipeline(cfg: JobConfig, family: ModelFamily, plans: list[StagePla
 def _family_problems(cfg: JobConfig, family: ModelFamily) -> list[str]:
     """What training checks once the model exists: sampler vs objective, image sizes vs the model."""
     problems = []
-    if cfg.sample.prompts:
+    if cfg.sample.prompts and cfg.sample.sampler:
         try:
             check_sampler(cfg.sample.sampler, family.objective.prediction_type)
         except ValueError as exc:

@@ -48,7 +48,7 @@ def _objective_problems(cfg: JobConfig, arch: str) -> list[str]:
     snr_problem = min_snr_problem("flow")
     if cfg.train.min_snr_gamma is not None and snr_problem:
         problems.append(snr_problem)
-    if cfg.sample.prompts:
+    if cfg.sample.prompts and cfg.sample.sampler:
         try:
             check_sampler(cfg.sample.sampler, "flow")
         except ValueError as exc:
@@ -91,6 +91,8 @@ def preflight_problems(cfg: JobConfig) -> tuple[int, list[str]]:
     """(images per epoch, every problem found without loading a weight), each naming its YAML path."""
     images, problems = estimate_images(cfg.datasets, "datasets")
     for where, name in (("sample.sampler", cfg.sample.sampler), ("eval.sampler", cfg.eval.sampler)):
+        if name is None:  # the family's default
+            continue
         try:
             resolve_sampler(name)
         except ValueError as exc:
