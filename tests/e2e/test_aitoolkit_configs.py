@@ -146,14 +146,14 @@ def test_config_import_writes_the_same_job(
 @pytest.mark.parametrize("example", ["train_lora_flux_24gb.yaml"], indirect=True)
 def test_keys_without_equivalent_are_errors_naming_them(example: Path, capsys: pytest.CaptureFixture) -> None:
     text = example.read_text(encoding="utf-8")
-    text = text.replace("        lr: 1e-4\n", "        lr: 1e-4\n        noise_offset: 0.1\n")
+    text = text.replace("        lr: 1e-4\n", "        lr: 1e-4\n        max_denoising_steps: 900\n")
     text = text.replace("push_to_hub: false", "push_to_hub: true")
     text = text.replace("walk_seed: true", "walk_seed: true\n        num_frames: 16")
     example.write_text(text, encoding="utf-8")
     assert main(["validate", str(example)]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "3 key(s) of this ai-toolkit job file have no equivalent in eri:" in err
-    assert "config.process[0].train.noise_offset: no equivalent in eri's train section; remove it" in err
+    assert "config.process[0].train.max_denoising_steps: no equivalent in eri's train section; remove it" in err
     assert "config.process[0].save.push_to_hub: eri never uploads; set push_to_hub: false" in err
     assert "config.process[0].sample.num_frames: video sampling is not supported; set num_frames: 1" in err
 

@@ -176,12 +176,13 @@ def _disable_sampling(t: Translation, src: str, section: str, value: Any) -> Non
 
 
 def _logging_wandb(t: Translation, src: str, section: str, value: Any) -> None:
-    only(False, "eri logs to TensorBoard and metrics.jsonl, not W&B; set use_wandb: false")(
-        t, src, section, value
-    )
+    """``use_wandb: true`` -> ``logging.wandb`` with its defaults (project eridiffusion, online)."""
+    if value:
+        t.put(src, "logging.wandb", {})
+    else:
+        t.ignore(src, "false")
 
 
-SAMPLE_ONLY = "only how sample images look; eri samples at the model's training size"
 UI = "ai-toolkit UI bookkeeping"
 NO_SAMPLE_FIRST = "eri samples every sample.every steps and at the end, never before training"
 

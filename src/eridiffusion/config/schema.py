@@ -183,6 +183,14 @@ class TrainConfig(Strict):
     loss: Literal["mse", "l1", "huber"] = "mse"
     huber_delta: float = Field(default=0.1, gt=0)
     min_snr_gamma: float | None = Field(default=None, gt=0, description="Hang et al. 2023; 5.0 is typical")
+    noise_offset: float = Field(
+        default=0.0, ge=0, description="per-channel noise offset (eps/v models); 0.05-0.1"
+    )
+    multires_noise_iterations: int = Field(default=0, ge=0, description="pyramid noise levels (eps/v); 6-10")
+    multires_noise_discount: float = Field(
+        default=0.3, gt=0, le=1, description="per-level weight of pyramid noise"
+    )
+    ip_noise_gamma: float = Field(default=0.0, ge=0, description="input perturbation (Ning et al. 2023); 0.1")
     ema: EMAConfig = Field(default_factory=EMAConfig)
     train_text_encoder: bool = True
     seed: int = 42

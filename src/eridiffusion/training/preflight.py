@@ -48,6 +48,12 @@ def _objective_problems(cfg: JobConfig, arch: str) -> list[str]:
     snr_problem = min_snr_problem("flow")
     if cfg.train.min_snr_gamma is not None and snr_problem:
         problems.append(snr_problem)
+    for key in ("noise_offset", "multires_noise_iterations"):
+        if getattr(cfg.train, key):
+            problems.append(
+                f"train.{key}: shapes the noise of epsilon/v-prediction models; a flow-matching {arch} model "
+                "interpolates between image and noise, where it would only shift the target (remove it)"
+            )
     if cfg.sample.prompts and cfg.sample.sampler:
         try:
             check_sampler(cfg.sample.sampler, "flow")

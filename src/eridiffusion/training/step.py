@@ -12,6 +12,7 @@ last moment a non-finite step can still be refused.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from eridiffusion.device import is_out_of_memory, release_memory
 from eridiffusion.models import Conditioning, ModelFamily
 from eridiffusion.training.engine import Engine
 from eridiffusion.training.losses import min_snr_weights, per_sample_loss
+from eridiffusion.training.noise import perturbed, shape_noise
 from eridiffusion.training.schedules import ScheduleSettings, scheduled_lr
 
 logger = logging.getLogger(__name__)
@@ -94,7 +96,11 @@ def loss_after_dropout(
     # the latent size lets resolution-dependent schedules (Flux's shift) follow the batch's image size
     timesteps = family.objective.sample_timesteps(n_all, gen, latent_shape=tuple(x0.shape[1:]))[rows]
     timesteps = timesteps.to(device)
+    noise = shape_noise(noise, n_all, rows, gen, cfg.train)
     target = family.objective.make_target(x0, noise, timesteps)
+    if cfg.train.ip_noise_gamma:  # the input is noised a little more than the target says (exposure bias)
+        more = perturbed(noise, n_all, rows, gen, cfg.train)
+        target = dataclasses.replace(target, noisy=family.objective.make_target(x0, more, timesteps).noisy)
     cond = conditioning()
     size_cond = batch.size_conditioning()
     if size_cond is not None:  # SDXL's micro-conditioning; families without it ignore the entry
