@@ -399,3 +399,10 @@ def test_example_config_validates(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.name
     assert validate_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize("name", [".", "..", "..."])
+def test_a_run_name_of_dots_is_refused(name: str) -> None:
+    """The run folder is output_dir/name: '.' or '..' would be output_dir itself or its parent."""
+    with pytest.raises(ConfigError, match="names no folder of its own"):
+        validate_config({"name": name, "datasets": [{"folder_path": "data"}]})

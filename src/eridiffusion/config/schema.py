@@ -557,6 +557,15 @@ class JobConfig(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     output_dir: str = "output"
+
+    @field_validator("name")
+    @classmethod
+    def _a_folder_of_its_own(cls, name: str) -> str:
+        """``.`` or ``..`` would make the run folder output_dir itself or its parent (moved aside or filled
+        with checkpoints): a run needs a folder of its own."""
+        if set(name) == {"."}:
+            raise ValueError(f"{name!r} names no folder of its own inside output_dir; choose a run name")
+        return name
     model: ModelConfig = Field(default_factory=ModelConfig)
     network: NetworkConfig | None = None
     pipeline: PipelineConfig | None = None
