@@ -24,6 +24,7 @@ from eridiffusion.data.loader import Batch, ImageSource, TrainingData
 from eridiffusion.inference.evaluate import EvalSettings, evaluate_into, prompts_path, read_prompts
 from eridiffusion.models import ModelFamily
 from eridiffusion.models.quantize import quantize_module, weight_bytes
+from eridiffusion.models.stable_diffusion import STORAGE_DTYPES
 from eridiffusion.networks import attach_network, export_network, merge_adapters
 from eridiffusion.training.autoencoder import (
     AutoencoderLossConfig,
@@ -42,9 +43,6 @@ from eridiffusion.training.pipeline import StagePlan, stage_datasets
 from eridiffusion.training.step import ParamGroup, diffusion_loss, optimizer_step, step_generator
 
 logger = logging.getLogger(__name__)
-
-STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def single_stage_plan(cfg: JobConfig, family: ModelFamily) -> StagePlan:
     """A job without ``pipeline`` as the one step it is: train the adapter, or the family's trainable
