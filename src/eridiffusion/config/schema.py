@@ -364,6 +364,15 @@ class DatasetConfig(Strict):
     cache_text_embeddings: bool = False
     cache_dir: str | None = Field(default=None, description="default: .eri_cache inside the dataset folder")
     synthetic: SyntheticConfig | None = None
+    mask_path: str | None = Field(
+        default=None, description="folder of loss masks named like the images (kohya's conditioning_data_dir)"
+    )
+    unmasked_weight: float = Field(
+        default=0.0, ge=0, le=1, description="loss weight of black mask pixels (ai-toolkit's mask_min_value)"
+    )
+    normalize_masked_area_loss: bool = Field(
+        default=False, description="divide a masked image's loss by its mean mask weight (as OneTrainer)"
+    )
 
     @property
     def resolutions(self) -> list[int]:
@@ -398,6 +407,8 @@ class DatasetConfig(Strict):
                 "shuffle_tokens makes a new caption every epoch, which a text-embedding cache cannot hold; "
                 "turn off one of shuffle_tokens or cache_text_embeddings"
             )
+        if self.shards is not None and self.mask_path is not None:
+            raise ValueError("mask_path needs folder_path: masks are matched to images of a folder by name")
         if self.shards is not None and (self.cache_latents_to_disk or self.cache_text_embeddings):
             raise ValueError(
                 "tar shards are streamed and never cached (they are meant for data larger than the disk "

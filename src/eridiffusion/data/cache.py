@@ -4,6 +4,7 @@ Layout (``datasets[].cache_dir``, default ``.eri_cache`` inside the dataset fold
 
     latents/<model id>/<ab>/<key>.safetensors   {"latent": (C, h, w)}
     text/<model id>/<ab>/<key>.safetensors      one row of the family's Conditioning
+    masks/<ab>/<key>.safetensors                 {"mask": (1, h, w)} loss weights at latent size
     hashes.json                                  content hashes by (path, size, mtime), to skip re-reading
 
 The model id hashes the weights of the components that produce the entry (the naming contract of
@@ -11,6 +12,9 @@ The model id hashes the weights of the components that produce the entry (the na
 ``denoiser`` for latents) with the family name and latent shape. A latent key hashes the image's bytes, its
 training size and crop, and the flip; a text key hashes the caption. A changed image, caption, size or model
 therefore maps to a new file and the stale one is simply not read (delete the folder to reclaim the space).
+A loss mask's key hashes the mask file's bytes, the view's and the latent's sizes, the flip and the
+dataset's ``unmasked_weight`` / ``normalize_masked_area_loss``; it needs no model, so only a changed mask
+or setting (never a changed model) recomputes it.
 Files are written under a temporary name and renamed, so an interrupted run never leaves half an entry.
 """
 
@@ -29,8 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eridiffusion.data.folder import FolderSource
+from eridiffusion.data.folder import FolderSource, file_digest
 from eridiffusion.data.loader import PRELOAD_BYTES, TrainingData
+from eridiffusion.data.masks import resize_loss_mask, view_weights
 from eridiffusion.models.protocol import ModelFamily
 from eridiffusion.progress import progress_bar
 
@@ -142,6 +147,7 @@ def build_latent_cache(data: TrainingData, family: ModelFamily, device: torch.de
                 data.latent_lookup[(v, flip)] = path
                 if not path.is_file():
                     todo.append((v, flip, path))
+            _cache_masks(data, family, v, root, memo)
         _save_memo(root, memo)
     by_size: dict[tuple[int, int], list[tuple[int, bool, Path]]] = defaultdict(list)
     for entry in todo:
@@ -157,7 +163,29 @@ def build_latent_cache(data: TrainingData, family: ModelFamily, device: torch.de
             bar.update(len(chunk))
     bar.close()
     _maybe_load_into_memory(data.latent_lookup, "latent")
+    _maybe_load_into_memory(data.mask_lookup, "mask")
     return len(todo)
+
+
+def _cache_masks(data: TrainingData, family: ModelFamily, v: int, root: Path, memo: dict[str, str]) -> None:
+    """Cache view v's loss weights (both flips when flipped) at latent size, if it has a mask.
+
+    Written right away rather than batched: a mask costs a PNG decode and a resize, no model.
+    """
+    view = data.views[v]
+    mask = data.masks.file(view.dataset, view.item)
+    if mask is None:
+        return
+    cfg = data.configs[view.dataset]
+    latent_size = tuple(family.latent_shape(view.height, view.width)[1:])
+    for flip in (False, True) if cfg.flip_x else (False,):
+        settings = (cfg.unmasked_weight, cfg.normalize_masked_area_loss)
+        size = f"{view.width}x{view.height}"
+        key = _key("mask", file_digest(mask, memo), size, latent_size, f"flip={flip}", *settings)
+        path = root / "masks" / key[:2] / f"{key}.safetensors"
+        data.mask_lookup[(v, flip)] = path
+        if not path.is_file():
+            _write(path, {"mask": resize_loss_mask(view_weights(data, v, None, flip), latent_size)})
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +32,11 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 """EXIF orientations that rotate by 90 degrees, i.e. swap width and height once applied."""
 
 
+MASK_SUFFIXES = ("_mask", "-masklabel")
+"""Stem endings that make an image file the loss mask of the image beside it: ``cat_mask.png`` for
+``cat.png`` (and OneTrainer's ``cat-masklabel.png``)."""
+
+
 class DatasetError(ValueError):
     """A dataset problem the user must fix; the message names the folder or file and what to do."""
 
@@ -46,6 +51,27 @@ class FolderScan:
     missing_captions: list[Path] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)
     """(width, height) of each item as displayed, i.e. after its EXIF rotation."""
+    masks: dict[Path, Path] = field(default_factory=dict)
+    """Loss mask files found beside the images (``cat_mask.png``), by image; never items themselves."""
+
+
+def beside_masks(images: Iterable[Path]) -> dict[Path, Path]:
+    """{image: its mask} for the files of ``images`` named like a mask of another of them.
+
+    A file is a mask only when its image is there too, so a photo that happens to be called
+    ``face_mask.png`` still trains when no ``face.png`` sits beside it.
+    """
+    files = sorted(images)
+    by_stem: dict[Path, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(path.with_suffix(""), []).append(path)
+    pairs: dict[Path, Path] = {}
+    for path in files:
+        for suffix in MASK_SUFFIXES:
+            if path.stem.endswith(suffix) and len(path.stem) > len(suffix):
+                for image in by_stem.get(path.with_name(path.stem[: -len(suffix)]), []):
+                    pairs.setdefault(image, path)
+    return {image: mask for image, mask in pairs.items() if image not in pairs.values()}
 
 
 def upright_size(img: Image.Image) -> tuple[int, int]:
@@ -141,6 +167,8 @@ def scan_folder(folder: Path, caption_ext: str = "txt") -> FolderScan:
             found.add(path)
         else:
             listed_missing.append(path)
+    masks = beside_masks(found)
+    found -= set(masks.values())
     images = sorted(found, key=lambda p: p.relative_to(folder).as_posix())
     if not images:
         looked_for = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -148,7 +176,7 @@ def scan_folder(folder: Path, caption_ext: str = "txt") -> FolderScan:
             f"dataset folder '{folder}' contains no images (looked for {looked_for}); "
             f"add images with same-name .{caption_ext.lstrip('.')} caption files"
         )
-    scan = FolderScan(folder)
+    scan = FolderScan(folder, masks=masks)
     for path in listed_missing:
         problem = f"listed in {METADATA_FILE} but not an image file in the folder"
         logger.warning("skipping %s: %s", path, problem)
@@ -278,6 +306,7 @@ class FolderSource:
         self.captions = [c for _, c in scan.items]
         self.sizes = list(scan.sizes) or [_upright_size_of(p) for p in self.paths]
         self.skipped = len(scan.skipped)
+        self.masks: list[Path | None] = [scan.masks.get(p) for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)

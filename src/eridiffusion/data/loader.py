@@ -40,6 +40,7 @@ from eridiffusion.data.folder import (
     scan_folder,
     to_uint8_tensor,
 )
+from eridiffusion.data.masks import MaskSet, batch_loss_mask
 from eridiffusion.data.shapes import write_shapes_dataset
 from eridiffusion.data.shards import ShardSource, resolve_shards
 from eridiffusion.models.protocol import Conditioning
@@ -101,6 +102,9 @@ class Batch:
     crops: torch.Tensor | None = None
     """(B, 2) int64 (top, left) of each crop in the resized image's pixels, mirrored with a horizontal flip
     (kohya's convention), for SDXL's crop conditioning; None together with ``original_sizes``."""
+    loss_mask: torch.Tensor | None = None
+    """(B, 1, H, W) float per-pixel loss weights from the images' masks (see data/masks.py), at pixel or
+    latent size; None when no image of the batch has a mask, so unmasked training is untouched."""
 
     global_size: int | None = None
     """Samples in the whole micro-batch when this is one process's share of it (multi-process training):
@@ -154,6 +158,7 @@ class Batch:
             cond=None if self.cond is None else {k: v[rows] for k, v in self.cond.items()},
             original_sizes=cut(self.original_sizes),
             crops=cut(self.crops),
+            loss_mask=cut(self.loss_mask),
             global_size=whole,
             offset=start if offset is None else offset,
             shares=shares,
@@ -167,7 +172,9 @@ class Batch:
             return None if t is None else t.pin_memory()
 
         cond = None if self.cond is None else {k: v.pin_memory() for k, v in self.cond.items()}
-        return dataclasses.replace(self, pixels=pin(self.pixels), latents=pin(self.latents), cond=cond)
+        return dataclasses.replace(
+            self, pixels=pin(self.pixels), latents=pin(self.latents), cond=cond, loss_mask=pin(self.loss_mask)
+        )
 
     def size_conditioning(self) -> torch.Tensor | None:
         """(B, 4) float rows (original h, original w, crop top, crop left), or None without the metadata.
@@ -261,6 +268,7 @@ class TrainingData:
         self.seed = seed
         self.size_multiple = size_multiple
         self.skipped = sum(src.skipped for src in self.sources)
+        self.masks = MaskSet(self.configs, self.sources)
         self.unusable = 0
         self.captions = [self._prepare_captions(i) for i in range(len(self.configs))]
         self.views: list[View] = []
@@ -270,8 +278,11 @@ class TrainingData:
         self.group_of = [self._group(v) for v in self.views]
         self.repeats = self._repeats()
         self.latent_lookup: dict[tuple[int, bool], Path | torch.Tensor] = {}
+        self.mask_lookup: dict[tuple[int, bool], Path | torch.Tensor] = {}
+        """Cached mask coverage (1, h, w) at latent size by (view, flip), for views of cached datasets."""
         self.text_lookup: dict[str, Path | Conditioning] = {}
         self._preloaded: dict[int, torch.Tensor] = {}
+        self._preloaded_masks: dict[int, torch.Tensor] = {}
         self._plan_memo: tuple[int, list[tuple[int, ...]]] | None = None
         self._warned: set[int] = set()
         self.constant_epochs = all(abs(r - round(r)) < 1e-9 for r in self.repeats)
@@ -383,16 +394,19 @@ class TrainingData:
             w, h = self.sources[view.dataset].sizes[view.item]
             scale = max(view.width / w, view.height / h)
             random_crop = self.configs[view.dataset].crop == "random"
-            total += 3 * (round(w * scale) * round(h * scale) if random_crop else view.width * view.height)
+            planes = 4 if self.masks.file(view.dataset, view.item) else 3
+            area = round(w * scale) * round(h * scale) if random_crop else view.width * view.height
+            total += planes * area
         if not eligible or total > PRELOAD_BYTES:
             return
         for v in eligible:
             view = self.views[v]
+            centred = self.configs[view.dataset].crop == "center"
             image = self._decode(v)
-            if self.configs[view.dataset].crop == "center":
-                left, top = crop_offsets((image.shape[2], image.shape[1]), view.width, view.height)
-                image = image[:, top : top + view.height, left : left + view.width].clone()
-            self._preloaded[v] = image
+            self._preloaded[v] = self._crop(image, v, None, flip=False).clone() if centred else image
+            mask = self.masks.decode(view.dataset, view.item, view.width, view.height)
+            if mask is not None:
+                self._preloaded_masks[v] = self._crop(mask, v, None, flip=False).clone() if centred else mask
 
     def _decode(self, v: int) -> torch.Tensor:
         view = self.views[v]
@@ -544,10 +558,23 @@ class TrainingData:
 
     def view_pixels(self, v: int, epoch: int | None, flip: bool) -> torch.Tensor:
         """uint8 (3, H, W) crop of view v; random crops are drawn per (seed, epoch, view)."""
-        view = self.views[v]
         image = self._preloaded.get(v)
-        if image is None:
-            image = self._decode(v)
+        return self._crop(self._decode(v) if image is None else image, v, epoch, flip)
+
+    def view_mask(self, v: int, epoch: int | None, flip: bool) -> torch.Tensor:
+        """uint8 (1, H, W) loss mask of view v, cropped and flipped exactly as :meth:`view_pixels` is."""
+        view = self.views[v]
+        mask = self._preloaded_masks.get(v)
+        if mask is None:
+            mask = self.masks.decode(view.dataset, view.item, view.width, view.height)
+        if mask is None:
+            raise DatasetError(f"{self.label(v)} has no loss mask")
+        return self._crop(mask, v, epoch, flip)
+
+    def _crop(self, image: torch.Tensor, v: int, epoch: int | None, flip: bool) -> torch.Tensor:
+        """View v's crop (and flip) of an image or mask already resized for it (an already cropped one, a
+        preloaded centre crop, passes through unchanged as its offsets are 0)."""
+        view = self.views[v]
         position = self._crop_position(v, epoch)
         left, top = crop_offsets((image.shape[2], image.shape[1]), view.width, view.height, position)
         image = image[:, top : top + view.height, left : left + view.width]
@@ -620,6 +647,7 @@ class TrainingData:
             latents=stacked if latents_cached else None,
             original_sizes=geometry[:, :2],
             crops=geometry[:, 2:],
+            loss_mask=batch_loss_mask(self, kept, [flip_of[v] for v in kept], epoch, latents_cached),
         )
         if text_cached:
             rows = [self._text(c) for c in captions]
@@ -678,6 +706,8 @@ class TrainingData:
                 f"{len(self.view_ids[i])} views at resolution {cfg.resolution}, "
                 f"x{self.repeats[i]:.3g} per epoch, {'buckets' if cfg.enable_buckets else 'square crops'}:"
             )
+            if self.masks.count(i):
+                lines.append(f"    loss masks: {self.masks.count(i)} of {len(self.sources[i])} images")
             lines += format_bucket_counts(counts, indent="    ")
         if self.skipped or self.unusable:
             lines.append(f"  skipped: {self.skipped} unreadable, {self.unusable} without a usable bucket")

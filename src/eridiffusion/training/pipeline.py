@@ -19,7 +19,7 @@ from typing import Any
 
 from eridiffusion.config.schema import DatasetConfig, JobConfig, StageConfig
 from eridiffusion.data.cache import encoder_names
-from eridiffusion.data.folder import IMAGE_EXTENSIONS
+from eridiffusion.data.folder import IMAGE_EXTENSIONS, beside_masks
 from eridiffusion.models import ModelFamily
 from eridiffusion.networks.adapters import lora_parameter_count
 from eridiffusion.training.autoencoder import PatchDiscriminator
@@ -99,9 +99,12 @@ def estimate_images(
     for i, d in enumerate(datasets):
         if d.folder_path is None:  # tar shards: counted when they are indexed at train time
             continue
+        if d.mask_path is not None and not Path(d.mask_path).is_dir():
+            problems.append(f"{where}[{i}].mask_path: '{d.mask_path}' is not a folder of mask images")
         folder = Path(d.folder_path)
         if folder.is_dir():
-            found = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+            found = len(files) - len(set(beside_masks(files).values()))  # loss masks are not images
             if not found and d.synthetic is None:
                 problems.append(f"{where}[{i}].folder_path: no images in '{folder}'")
             images += found * d.num_repeats
