@@ -7,12 +7,18 @@ import torch.nn.functional as F
 
 
 def per_sample_loss(
-    pred: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 0.1
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    huber_delta: float = 0.1,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over all but the batch dimension, so timestep weights can be applied per sample.
 
     ``huber`` is the smooth L1 of Huber (1964): quadratic below ``huber_delta``, linear above, which keeps
-    the rare large residuals of high-noise steps from dominating the gradient.
+    the rare large residuals of high-noise steps from dominating the gradient. ``weights`` (broadcastable
+    to the elements, e.g. a (B, 1, h, w) loss mask) multiply each element before the plain mean, as kohya
+    and OneTrainer weight masked losses; normalising by the mask's area is the mask's own business.
     """
     pred, target = pred.float(), target.float()
     if kind == "mse":
@@ -23,6 +29,8 @@ def per_sample_loss(
         elem = F.huber_loss(pred, target, reduction="none", delta=huber_delta)
     else:
         raise ValueError(f"unknown loss {kind!r}; use mse, l1 or huber")
+    if weights is not None:
+        elem = elem * weights.to(elem.device, elem.dtype)
     return elem.flatten(1).mean(dim=1)
 
 

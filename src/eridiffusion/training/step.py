@@ -23,6 +23,7 @@ from torch import nn
 
 from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.loader import Batch
+from eridiffusion.data.masks import resize_loss_mask
 from eridiffusion.device import is_out_of_memory, release_memory
 from eridiffusion.models import Conditioning, ModelFamily
 from eridiffusion.training.engine import Engine
@@ -106,7 +107,10 @@ def loss_after_dropout(
     if size_cond is not None:  # SDXL's micro-conditioning; families without it ignore the entry
         cond["size_conditioning"] = size_cond.to(device)
     pred = family.predict(target.noisy, timesteps, cond)
-    losses = per_sample_loss(pred, target.target, cfg.train.loss, cfg.train.huber_delta)
+    mask = None  # datasets' loss masks (data/masks.py), averaged down to the prediction's size
+    if batch.loss_mask is not None:
+        mask = resize_loss_mask(batch.loss_mask.to(pred.device, torch.float32), tuple(pred.shape[-2:]))
+    losses = per_sample_loss(pred, target.target, cfg.train.loss, cfg.train.huber_delta, mask)
     if cfg.train.min_snr_gamma is not None:
         weights = min_snr_weights(target.snr, cfg.train.min_snr_gamma, family.objective.prediction_type)
         losses = losses * weights.to(losses.device)
