@@ -26,7 +26,14 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from eridiffusion.config.schema import DatasetConfig
-from eridiffusion.data.folder import IMAGE_EXTENSIONS, DatasetError, FolderSource, cover_size, upright_size
+from eridiffusion.data.folder import (
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    FolderSource,
+    beside_masks,
+    cover_size,
+    upright_size,
+)
 
 if TYPE_CHECKING:
     from eridiffusion.data.loader import ImageSource, TrainingData
@@ -194,3 +201,26 @@ def batch_loss_mask(
         return None
     ones = torch.ones_like(present[0])
     return torch.stack([ones if r is None else r for r in rows])
+
+
+def mask_notes(configs: Sequence[DatasetConfig]) -> list[str]:
+    """``eri validate``'s plan lines: how many images of each folder dataset have a loss mask, counted from
+    file names alone (top-level images; the training scan also reads the masks and checks their shapes)."""
+    lines = []
+    for i, cfg in enumerate(configs):
+        if cfg.folder_path is None or not Path(cfg.folder_path).is_dir():
+            continue
+        folder = Path(cfg.folder_path)
+        files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        beside = beside_masks(files)
+        images = [p for p in files if p not in set(beside.values())]
+        if cfg.mask_path is None:
+            masked = len(beside)
+        elif Path(cfg.mask_path).is_dir():
+            names = _mask_folder_files(Path(cfg.mask_path))
+            masked = sum(1 for p in images if p.stem in names)
+        else:
+            continue
+        if masked:
+            lines.append(f"  datasets[{i}]: loss masks on {masked} of {len(images)} images")
+    return lines

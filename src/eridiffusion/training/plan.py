@@ -6,6 +6,7 @@ import torch
 
 from eridiffusion.config.load import ConfigError
 from eridiffusion.config.schema import JobConfig
+from eridiffusion.data.masks import mask_notes
 from eridiffusion.data.vocabulary import job_captions
 from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models.meta import weightless_loading
@@ -50,7 +51,7 @@ def describe_plan(cfg: JobConfig) -> str:
         problems += stage_problems
     if problems:
         raise ConfigError("config problems:\n" + "\n".join(f"  {p}" for p in problems))
-    notes = _caption_notes(cfg, family)
+    notes = _caption_notes(cfg, family) + mask_notes(cfg.datasets)
     if cfg.pipeline is not None:
         return "\n".join([_describe_pipeline(cfg, family, plans), *notes])
 
