@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from eridiffusion.config import load_config
+from eridiffusion.config.aitoolkit import TranslationError, translate
 from eridiffusion.config.schema import DatasetConfig
 from eridiffusion.data.cache import prepare_caches
 from eridiffusion.data.folder import DatasetError, scan_folder
@@ -169,3 +170,26 @@ def test_cached_masks_equal_uncached_and_a_changed_mask_is_recomputed(tmp_path: 
     size = tuple(after.shape[-2:])
     assert torch.equal(after, resize_loss_mask(mask_weights(coverage, 0.25, True), size))
     assert not torch.equal(before, after)
+
+
+def test_aitoolkit_mask_keys_translate_and_alpha_masks_are_refused() -> None:
+    job = {
+        "job": "extension",
+        "config": {
+            "name": "masked",
+            "process": [
+                {
+                    "type": "sd_trainer",
+                    "datasets": [{"folder_path": "imgs", "mask_path": "masks", "mask_min_value": 0.1}],
+                }
+            ],
+        },
+    }
+    out, notes, foreign = translate(job)
+    assert foreign and out["datasets"] == [
+        {"folder_path": "imgs", "mask_path": "masks", "unmasked_weight": 0.1}
+    ]
+    assert "config.process[0].datasets[0].mask_min_value -> datasets[0].unmasked_weight = 0.1" in notes
+    job["config"]["process"][0]["datasets"][0].update(alpha_mask=True, invert_mask=True)
+    with pytest.raises(TranslationError, match=r"alpha_mask: masks from the alpha channel[\s\S]*invert_mask"):
+        translate(job)
