@@ -18,7 +18,7 @@ from eridiffusion.config.schema import DatasetConfig
 from eridiffusion.data.cache import prepare_caches
 from eridiffusion.data.folder import DatasetError, scan_folder
 from eridiffusion.data.loader import TrainingData
-from eridiffusion.data.masks import mask_weights, resize_loss_mask
+from eridiffusion.data.masks import mask_notes, mask_weights, resize_loss_mask
 from eridiffusion.models import build_family
 from tests.conftest import TINY_OPTIONS, tiny_job, write_yaml
 
@@ -190,6 +190,24 @@ def test_aitoolkit_mask_keys_translate_and_alpha_masks_are_refused() -> None:
         {"folder_path": "imgs", "mask_path": "masks", "unmasked_weight": 0.1}
     ]
     assert "config.process[0].datasets[0].mask_min_value -> datasets[0].unmasked_weight = 0.1" in notes
-    job["config"]["process"][0]["datasets"][0].update(alpha_mask=True, invert_mask=True)
-    with pytest.raises(TranslationError, match=r"alpha_mask: masks from the alpha channel[\s\S]*invert_mask"):
+    job["config"]["process"][0]["datasets"][0].update(invert_mask=True)
+    with pytest.raises(TranslationError, match=r"invert_mask: no equivalent; invert the mask images"):
         translate(job)
+
+
+def test_alpha_channel_as_mask(tmp_path: Path) -> None:
+    ramp = _ramp(40, 20)
+    black = np.zeros_like(ramp)
+    rgba = np.stack([black, black, black, ramp], axis=-1)  # over white: every channel is 255 - alpha
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    Image.fromarray(np.stack([ramp] * 3, axis=-1), "RGB").save(tmp_path / "opaque.png")
+    data = _data(tmp_path, alpha_mask=True, enable_buckets=False, crop="random")
+    assert [f.name if f else None for f in data.masks.files[0]] == ["cut.png", None]
+    v = next(v for v, view in enumerate(data.views) if view.item == 0)
+    for epoch in range(3):
+        mask = data.view_mask(v, epoch, flip=True)[0].float()
+        image = data.view_pixels(v, epoch, flip=True)[0].float()
+        assert (255 - image - mask).abs().mean() < 0.5
+    assert mask_notes(data.configs) == ["  datasets[0]: loss masks on 1 of 2 images"]
+    with pytest.raises(ValueError, match="set one of mask_path"):
+        DatasetConfig(folder_path="x", alpha_mask=True, mask_path="m")

@@ -265,9 +265,6 @@ DATASET_KEYS: dict[str, Handler] = {
     ),
     "mask_min_value": move("unmasked_weight"),
     "conditioning_data_dir": move("mask_path"),  # kohya's folder of masks for --masked_loss
-    "alpha_mask": only(
-        False, "masks from the alpha channel are not supported; save the alpha as NAME_mask.png"
-    ),
     "invert_mask": only(False, "no equivalent; invert the mask images (white = trained)"),
     "default_caption": only(
         ("", None), "no equivalent; write a caption file per image", "empty: nothing to apply"

@@ -367,6 +367,9 @@ class DatasetConfig(Strict):
     mask_path: str | None = Field(
         default=None, description="folder of loss masks named like the images (kohya's conditioning_data_dir)"
     )
+    alpha_mask: bool = Field(
+        default=False, description="each image's alpha channel is its loss mask (kohya, ai-toolkit)"
+    )
     unmasked_weight: float = Field(
         default=0.0, ge=0, le=1, description="loss weight of black mask pixels (ai-toolkit's mask_min_value)"
     )
@@ -407,8 +410,10 @@ class DatasetConfig(Strict):
                 "shuffle_tokens makes a new caption every epoch, which a text-embedding cache cannot hold; "
                 "turn off one of shuffle_tokens or cache_text_embeddings"
             )
-        if self.shards is not None and self.mask_path is not None:
-            raise ValueError("mask_path needs folder_path: masks are matched to images of a folder by name")
+        if self.shards is not None and (self.mask_path is not None or self.alpha_mask):
+            raise ValueError("loss masks (mask_path, alpha_mask) need folder_path; shards carry no masks")
+        if self.mask_path is not None and self.alpha_mask:
+            raise ValueError("set one of mask_path (mask images) or alpha_mask (the images' alpha channel)")
         if self.shards is not None and (self.cache_latents_to_disk or self.cache_text_embeddings):
             raise ValueError(
                 "tar shards are streamed and never cached (they are meant for data larger than the disk "

@@ -13,8 +13,8 @@ The model id hashes the weights of the components that produce the entry (the na
 training size and crop, and the flip; a text key hashes the caption. A changed image, caption, size or model
 therefore maps to a new file and the stale one is simply not read (delete the folder to reclaim the space).
 A loss mask's key hashes the mask file's bytes, the view's and the latent's sizes, the flip and the
-dataset's ``unmasked_weight`` / ``normalize_masked_area_loss``; it needs no model, so only a changed mask
-or setting (never a changed model) recomputes it.
+dataset's mask settings (``unmasked_weight``, ``normalize_masked_area_loss``, ``alpha_mask``); it needs
+no model, so only a changed mask or setting (never a changed model) recomputes it.
 Files are written under a temporary name and renamed, so an interrupted run never leaves half an entry.
 """
 
@@ -179,7 +179,7 @@ def _cache_masks(data: TrainingData, family: ModelFamily, v: int, root: Path, me
     cfg = data.configs[view.dataset]
     latent_size = tuple(family.latent_shape(view.height, view.width)[1:])
     for flip in (False, True) if cfg.flip_x else (False,):
-        settings = (cfg.unmasked_weight, cfg.normalize_masked_area_loss)
+        settings = (cfg.unmasked_weight, cfg.normalize_masked_area_loss, f"alpha={cfg.alpha_mask}")
         size = f"{view.width}x{view.height}"
         key = _key("mask", file_digest(mask, memo), size, latent_size, f"flip={flip}", *settings)
         path = root / "masks" / key[:2] / f"{key}.safetensors"

@@ -219,6 +219,11 @@ def scan_folder(folder: Path, caption_ext: str = "txt") -> FolderScan:
     return scan
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """Whether the image carries transparency (an alpha channel or a transparent palette entry)."""
+    return img.mode in _ALPHA_MODES or "transparency" in img.info
+
+
 def load_rgb(path: Path | IO[bytes]) -> Image.Image:
     """Decode an image as the viewer sees it: EXIF rotation applied, transparency composited over white.
 
@@ -228,7 +233,7 @@ def load_rgb(path: Path | IO[bytes]) -> Image.Image:
     """
     with Image.open(path) as raw:
         img = ImageOps.exif_transpose(raw)
-    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)

@@ -1,16 +1,17 @@
 """Loss masks: a greyscale image per training image that weights its loss pixel by pixel.
 
-A mask sits beside its image (``cat_mask.png`` for ``cat.png``, see :data:`~.folder.MASK_SUFFIXES`) or in
+A mask sits beside its image (``cat_mask.png`` for ``cat.png``, see :data:`~.folder.MASK_SUFFIXES`), in
 ``datasets[i].mask_path`` under the image's name (``mask_path/cat.png``, as kohya's
-``conditioning_data_dir`` and ai-toolkit's ``mask_path`` read it). White is full weight, black is
-``unmasked_weight`` and grey lies linearly in between (ai-toolkit's mapping of ``mask_min_value``); the
-luminance is read, so a colour mask works as its grey version. An image without a mask has weight 1
-everywhere.
+``conditioning_data_dir`` and ai-toolkit's ``mask_path`` read it), or is the image's own alpha channel
+(``alpha_mask``, kohya's and ai-toolkit's key; an image without transparency then has no mask). White
+(opaque) is full weight, black (transparent) is ``unmasked_weight`` and grey lies linearly in between
+(ai-toolkit's mapping of ``mask_min_value``); the luminance is read, so a colour mask works as its grey
+version. An image without a mask has weight 1 everywhere.
 
 A mask goes through the same geometry as its image (the bucket's cover resize, the crop, the flip), so
 :class:`MaskSet` only decodes and resizes; the training data crops masks with the image's own crop offsets.
 The training step weights each element of the loss by the mask averaged down to the latent's size
-(:func:`eridiffusion.training.losses.resize_loss_mask`).
+(:func:`resize_loss_mask`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from eridiffusion.data.folder import (
     FolderSource,
     beside_masks,
     cover_size,
+    has_alpha,
     upright_size,
 )
 
@@ -59,6 +61,8 @@ def find_masks(cfg: DatasetConfig, source: ImageSource, where: str) -> list[Path
     """
     if not isinstance(source, FolderSource):
         return [None] * len(source)
+    if cfg.alpha_mask:
+        return [p if _transparent(p) else None for p in source.paths]
     if cfg.mask_path is None:
         masks = list(source.masks)
     else:
@@ -81,6 +85,11 @@ def find_masks(cfg: DatasetConfig, source: ImageSource, where: str) -> list[Path
     return masks
 
 
+def _transparent(path: Path) -> bool:
+    with Image.open(path) as img:  # the header only; the scan already decoded the image once
+        return has_alpha(img)
+
+
 def check_mask(path: Path, image_size: tuple[int, int], where: str) -> None:
     """Refuse a mask that cannot be read or whose shape does not match its image's (it would misalign)."""
     try:
@@ -100,11 +109,13 @@ def check_mask(path: Path, image_size: tuple[int, int], where: str) -> None:
         )
 
 
-def load_mask(path: Path, image_size: tuple[int, int]) -> Image.Image:
-    """The mask as 8-bit luminance at its image's upright size (EXIF rotation applied, as for images)."""
+def load_mask(path: Path, image_size: tuple[int, int], alpha: bool = False) -> Image.Image:
+    """The mask as 8-bit luminance (or the file's alpha channel) at its image's upright size, EXIF rotation
+    applied as for images."""
     try:
         with Image.open(path) as raw:
-            img = ImageOps.exif_transpose(raw).convert("L")
+            upright = ImageOps.exif_transpose(raw)
+            img = upright.convert("RGBA").getchannel("A") if alpha else upright.convert("L")
     except Exception as exc:
         raise DatasetError(f"cannot read loss mask '{path}' ({type(exc).__name__}: {exc})") from None
     return img.resize(image_size, Image.Resampling.BILINEAR) if img.size != image_size else img
@@ -134,7 +145,7 @@ class MaskSet:
         if path is None:
             return None
         size = self.sources[dataset].sizes[item]
-        img = load_mask(path, size)
+        img = load_mask(path, size, alpha=self.configs[dataset].alpha_mask)
         new_size = cover_size(size, width, height)
         if new_size != img.size:
             img = img.resize(new_size, Image.Resampling.BILINEAR)
@@ -214,7 +225,9 @@ def mask_notes(configs: Sequence[DatasetConfig]) -> list[str]:
         files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         beside = beside_masks(files)
         images = [p for p in files if p not in set(beside.values())]
-        if cfg.mask_path is None:
+        if cfg.alpha_mask:
+            masked = sum(1 for p in images if _transparent(p))
+        elif cfg.mask_path is None:
             masked = len(beside)
         elif Path(cfg.mask_path).is_dir():
             names = _mask_folder_files(Path(cfg.mask_path))
