@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from eridiffusion.cli import EXIT_USER_ERROR, main
+from eridiffusion.training import loop
 from tests.conftest import tiny_job, write_yaml
 
 
@@ -69,7 +70,9 @@ def test_masked_training_cached_equals_uncached_and_masks_matter(
     assert any(not torch.equal(a[k], white[k]) for k in a)
 
 
-def test_mask_folder_and_broken_masks_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_mask_folder_and_broken_masks_are_clear_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     photos = tmp_path / "photos"
     _photos(photos)
     missing = _job(tmp_path, "missing", photos, mask_path=str(tmp_path / "nowhere"))
@@ -77,6 +80,7 @@ def test_mask_folder_and_broken_masks_are_clear_errors(tmp_path: Path, capsys: p
     assert "datasets[0].mask_path: '" in capsys.readouterr().err
 
     (photos / "p2_mask.png").write_bytes(b"not a png at all")
+    monkeypatch.setattr(loop, "load_or_build", lambda cfg: pytest.fail("the model loaded before the check"))
     assert main(["train", str(_job(tmp_path, "broken", photos))]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "cannot read loss mask" in err and "p2_mask.png" in err and "Traceback" not in err

@@ -127,3 +127,14 @@ def test_out_of_memory_pieces_add_up_to_the_masked_batch(tmp_path: Path) -> None
     pieces = [_loss(family, cfg, batch.part(k, 3)) for k in range(3)]
     assert all(p.loss_mask is not None and len(p) == 1 for p in (batch.part(k, 3) for k in range(3)))
     torch.testing.assert_close(sum(pieces), whole)
+
+
+def test_process_shares_average_to_the_masked_batch(tmp_path: Path) -> None:
+    """Four processes' shares of three rows (one a zero-weight padding row) average back to the one-process
+    loss, each share carrying its own rows of the mask."""
+    family, cfg, batch = _setup(tmp_path, "epsilon_min_snr", unmasked_weight=0.2)
+    whole = _loss(family, cfg, batch)
+    shares = [batch.share(rank, 4) for rank in range(4)]
+    assert [len(s) for s in shares] == [1, 1, 1, 1] and all(s.loss_mask is not None for s in shares)
+    assert torch.equal(shares[3].loss_mask, batch.loss_mask[2:])
+    torch.testing.assert_close(sum(_loss(family, cfg, s) for s in shares) / 4, whole)

@@ -40,7 +40,7 @@ from eridiffusion.data.folder import (
     scan_folder,
     to_uint8_tensor,
 )
-from eridiffusion.data.masks import MaskSet, batch_loss_mask
+from eridiffusion.data.masks import MaskSet, batch_loss_mask, check_masks
 from eridiffusion.data.shapes import write_shapes_dataset
 from eridiffusion.data.shards import ShardSource, resolve_shards
 from eridiffusion.models.protocol import Conditioning
@@ -242,6 +242,7 @@ def open_sources(configs: Sequence[DatasetConfig]) -> list[ImageSource]:
             sources.append(FolderSource(scan_folder(folder, cfg.caption_ext)))
         except DatasetError as exc:
             raise DatasetError(f"datasets[{i}].folder_path: {exc}") from None
+        check_masks(cfg, sources[-1], f"datasets[{i}]")
     return sources
 
 

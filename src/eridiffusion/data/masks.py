@@ -58,6 +58,7 @@ def find_masks(cfg: DatasetConfig, source: ImageSource, where: str) -> list[Path
 
     With ``mask_path`` the masks come from that folder only (a mask beside an image is then not read);
     a folder in which no file is named like any image is an error, as it is almost always the wrong folder.
+    File names and headers only: :func:`check_masks` decodes them.
     """
     if not isinstance(source, FolderSource):
         return [None] * len(source)
@@ -79,10 +80,17 @@ def find_masks(cfg: DatasetConfig, source: ImageSource, where: str) -> list[Path
                 f"{where}.mask_path: no file in '{folder}' is named like an image of "
                 f"'{source.root}'; a mask has its image's name (cat.png -> {folder / 'cat.png'})"
             )
-    for mask, size in zip(masks, source.sizes, strict=True):
+    return masks
+
+
+def check_masks(cfg: DatasetConfig, source: ImageSource, where: str) -> None:
+    """Decode every mask of a dataset once, so a broken one stops the run while the data is scanned, before
+    any model loads (alpha masks are the images themselves, which the scan already read)."""
+    if cfg.alpha_mask:
+        return
+    for mask, size in zip(find_masks(cfg, source, where), source.sizes, strict=True):
         if mask is not None:
             check_mask(mask, size, where)
-    return masks
 
 
 def _transparent(path: Path) -> bool:
