@@ -280,7 +280,7 @@ class TrainingData:
         self.repeats = self._repeats()
         self.latent_lookup: dict[tuple[int, bool], Path | torch.Tensor] = {}
         self.mask_lookup: dict[tuple[int, bool], Path | torch.Tensor] = {}
-        """Cached mask coverage (1, h, w) at latent size by (view, flip), for views of cached datasets."""
+        """Cached loss weights (1, h, w) at latent size by (view, flip), for views of cached datasets."""
         self.text_lookup: dict[str, Path | Conditioning] = {}
         self._preloaded: dict[int, torch.Tensor] = {}
         self._preloaded_masks: dict[int, torch.Tensor] = {}
