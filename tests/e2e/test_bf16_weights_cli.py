@@ -13,12 +13,9 @@ from safetensors.torch import load_file
 from eridiffusion.cli import EXIT_USER_ERROR, main
 from eridiffusion.training import loop
 from tests.conftest import tiny_job, write_yaml
+from tests.e2e.test_train_cli import _weights
 
 BF16 = ["train.weights_dtype=bf16", "train.steps=5", "save.every=2", "save.keep=5"]
-
-
-def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(run / "checkpoints" / f"step_{step:06d}" / "trainable.safetensors")
 
 
 def test_bf16_full_fine_tune_trains_saves_and_resumes_exactly(
