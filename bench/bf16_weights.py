@@ -144,7 +144,7 @@ def plan() -> list[dict[str, Any]]:
                 }
             )
             e = estimate_memory(cfg, gpu_gb=24)
-            row = {"optimizer": optimizer, "weights_dtype": weights, **e.as_dict()}
+            row = {**e.as_dict(), "trained_weights_dtype": weights}  # as_dict's weights_dtype: the frozen
             rows.append(row)
             print(f"SDXL full fine-tune 1024 px {optimizer} {weights}: {e.peak / GIB:.2f} GiB", flush=True)
     return rows
