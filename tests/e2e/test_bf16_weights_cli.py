@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from eridiffusion.cli import EXIT_USER_ERROR, main
 from eridiffusion.training import loop
 from tests.conftest import tiny_job, write_yaml
+from tests.e2e.test_pipeline import pipeline_job
 from tests.e2e.test_train_cli import _weights
 
 BF16 = ["train.weights_dtype=bf16", "train.steps=5", "save.every=2", "save.keep=5"]
@@ -60,3 +61,19 @@ def test_bf16_weights_with_an_adapter_is_refused(tmp_path: Path, capsys: pytest.
     assert main(["train", str(cfg), "train.weights_dtype=bf16"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "train.weights_dtype bf16 is for full fine-tunes" in err and "Traceback" not in err
+
+
+def test_a_pipeline_trains_its_full_step_in_bf16_and_its_lora_step_as_usual(tmp_path: Path) -> None:
+    """Each trained component of a full step gets its own bf16 optimizer group; the later LoRA step on the
+    same model trains its fp32 adapter on top."""
+    steps = [
+        {"name": "full", "trainable": ["denoiser", "text_encoder"], "max_steps": 2},
+        {"name": "concept", "trainable": ["lora"], "network": {"type": "lora", "linear": 2}, "max_steps": 2},
+    ]
+    job = pipeline_job(tmp_path, steps=steps, defaults={"optimizers": {"default": {"lr": 1e-3}}})
+    cfg = write_yaml(tmp_path / "p.yaml", job)
+    assert main(["train", str(cfg), "train.weights_dtype=bf16"]) == 0
+    run = tmp_path / "output" / "p"
+    unet = load_file(next((run / "stages" / "0-full" / "model" / "unet").glob("*.safetensors")))
+    assert {v.dtype for v in unet.values()} == {torch.bfloat16}
+    assert (run / "stages" / "1-concept" / "concept.safetensors").is_file()
