@@ -180,3 +180,22 @@ def test_config_refusals_name_the_setting(change: dict[str, Any], message: str) 
     with pytest.raises(ValidationError, match=message):
         JobConfig.model_validate({**_job(), **change})
     assert JobConfig.model_validate(_job()).train.weights_rounding == "stochastic"
+
+
+def test_a_failing_step_leaves_the_bf16_weights_as_they_were() -> None:
+    """An optimizer error mid-step gives back the bf16 storage and gradients untouched (no half update)."""
+
+    class Failing(torch.optim.SGD):
+        def step(self, closure: Any = None) -> None:  # type: ignore[override]
+            for group in self.param_groups:
+                for q in group["params"]:
+                    q.add_(1.0)
+            raise RuntimeError("optimizer failed")
+
+    p = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    p.grad = torch.full((4,), 0.5, dtype=torch.bfloat16)
+    opt = Bf16WeightsOptimizer(Failing([p], lr=0.1), "stochastic", seed=0)
+    with pytest.raises(RuntimeError, match="optimizer failed"):
+        opt.step()
+    assert p.dtype == p.grad.dtype == torch.bfloat16
+    assert torch.equal(p.detach(), torch.ones(4, dtype=torch.bfloat16))

@@ -147,6 +147,7 @@ class Bf16WeightsOptimizer(torch.optim.Optimizer):
                 g["params"] = ps
 
     def _step_low(self, chunk: list[nn.Parameter]) -> None:
+        """Step bf16 ``chunk`` on fp32 copies of its weights and gradients, then round the results back."""
         held = []
         for p in chunk:
             weight, grad = p.data, p.grad
@@ -158,15 +159,18 @@ class Bf16WeightsOptimizer(torch.optim.Optimizer):
             p.data = widened
             p.grad = grad.float()
             held.append((p, weight, grad))
+        stepped = False
         try:
             self._step_only(chunk)
-        finally:
+            stepped = True
+        finally:  # the bf16 storage comes back either way; it takes the result only of a whole step
             for p, weight, grad in held:
                 updated = p.data
                 p.grad = None
                 p.data = weight
                 p.grad = grad
-                self._write(p, weight, updated)
+                if stepped:
+                    self._write(p, weight, updated)
 
     def _write(self, p: nn.Parameter, weight: torch.Tensor, updated: torch.Tensor) -> None:
         """Store the fp32 result ``updated`` into the parameter's bf16 storage ``weight``."""
