@@ -37,7 +37,7 @@ class ModelConfig(Strict):
     clip_g_path: str | None = Field(default=None, description="separate CLIP-G text encoder (SDXL, SD3)")
     t5_path: str | None = Field(default=None, description="separate T5-XXL text encoder (SD3, Flux)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        default="fp32", description="storage dtype of frozen weights; trained parameters stay fp32"
+        default="fp32", description="storage dtype of frozen weights; trained ones: train.weights_dtype"
     )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         default=None, description="override the checkpoint's prediction type (SD1.5/SDXL); null keeps it"
