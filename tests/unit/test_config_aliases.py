@@ -98,3 +98,16 @@ def test_translated_option_merges_with_written_options(tmp_path: Path) -> None:
         ConfigError, match=r"train.timestep_type: sets model.options.timestep_sampling, as another key"
     ):
         load_config(write_yaml(tmp_path / "job.yaml", job))
+
+
+def test_kohya_and_onetrainer_bf16_weight_flags(tmp_path: Path) -> None:
+    """kohya's ``full_bf16`` and OneTrainer's ``stochastic_rounding`` switch eri's bf16 trained weights."""
+    job = tiny_job(tmp_path)
+    job["train"] = {"full_bf16": True, "stochastic_rounding": False}
+    notes: list[str] = []
+    cfg = load_config(write_yaml(tmp_path / "job.yaml", job), notes=notes)
+    assert (cfg.train.weights_dtype, cfg.train.weights_rounding) == ("bf16", "nearest")
+    assert "  train.full_bf16 -> train.weights_dtype = 'bf16'" in notes
+    job["train"] = {"full_bf16": "yes"}
+    with pytest.raises(ConfigError, match="full_bf16 takes true or false"):
+        load_config(write_yaml(tmp_path / "job.yaml", job))

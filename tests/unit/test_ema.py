@@ -87,3 +87,23 @@ def test_load_state_dict_missing_tensor() -> None:
     ema = EMA({"a": param(0.0), "b": param(0.0)}, decay=0.9)
     with pytest.raises(ValueError, match=r"EMA state lacks 1 tensors, e.g. \['b'\]"):
         ema.load_state_dict({"a": torch.tensor([1.0])}, num_updates=1)
+
+
+def test_update_in_slices_of_bf16_weights_matches_fp32_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 trained weights (train.weights_dtype) are averaged a few tensors at a time, in fp32: the same
+    result as one call over all of them."""
+    gen = torch.Generator().manual_seed(0)
+    live = {f"w{i}": nn.Parameter(torch.randn(5, generator=gen).to(torch.bfloat16)) for i in range(4)}
+    whole, sliced = EMA(live, 0.9, warmup=False), EMA(live, 0.9, warmup=False)
+    before = {n: p.detach().float() for n, p in live.items()}
+    with torch.no_grad():
+        for p in live.values():
+            p.add_(1.0)
+    whole.update(live)
+    monkeypatch.setattr("eridiffusion.training.ema.SLICE", 7)  # two 5-value tensors never share a call
+    sliced.update(live)
+    for name, p in live.items():
+        expected = 0.9 * before[name] + 0.1 * p.detach().float()
+        assert whole.shadow[name].dtype == torch.float32
+        torch.testing.assert_close(whole.shadow[name], expected)
+        assert torch.equal(whole.shadow[name], sliced.shadow[name])

@@ -117,6 +117,17 @@ def test_memory_options_move_the_part_they_should() -> None:
     assert swapped.weights < bf16.weights and "2 blocks kept on the host" in " ".join(swapped.notes)
 
 
+def test_bf16_trained_weights_halve_weights_and_gradients() -> None:
+    """train.weights_dtype bf16: trained weights and gradients in 2 bytes, AdamW's moments still fp32, and
+    the fp32 slice the optimizer steps appears in the trace (here the whole tiny model is one slice)."""
+    full = {"network": None, "train_text_encoder": False, "mixed_precision": "bf16"}
+    fp32 = estimate_memory(job("sdxl", {"preset": "tiny"}, 64, **full), block=1)
+    bf16 = estimate_memory(job("sdxl", {"preset": "tiny"}, 64, weights_dtype="bf16", **full), block=1)
+    assert bf16.trainable * 2 == fp32.trainable and bf16.grads * 2 == fp32.trainable
+    assert bf16.optimizer_state == fp32.optimizer_state == 2 * fp32.trainable
+    assert any("train.weights_dtype" in n for n in bf16.notes)
+
+
 def test_refusals_name_the_setting() -> None:
     with pytest.raises(ValueError, match="blocks_to_swap: this denoiser has no transformer block list"):
         estimate_memory(job("sdxl", {"preset": "tiny"}, 64), blocks_to_swap=2)

@@ -183,6 +183,17 @@ def _logging_wandb(t: Translation, src: str, section: str, value: Any) -> None:
         t.ignore(src, "false")
 
 
+def _switch(on: str, off: str, what: str) -> Any:
+    """A true/false flag of another tool as the value of an eri setting (kohya's ``full_bf16: true``)."""
+
+    def convert(value: Any) -> str:
+        if not isinstance(value, bool):
+            raise ValueError(f"{what} takes true or false, got {value!r}")
+        return on if value else off
+
+    return convert
+
+
 UI = "ai-toolkit UI bookkeeping"
 NO_SAMPLE_FIRST = "eri samples every sample.every steps and at the end, never before training"
 
@@ -224,6 +235,8 @@ TRAIN_KEYS: dict[str, Handler] = {
     "diff_output_preservation_multiplier": cosmetic("applies only with diff_output_preservation: true"),
     "diff_output_preservation_class": cosmetic("applies only with diff_output_preservation: true"),
     "switch_boundary_every": cosmetic("applies only to two-expert video models"),
+    "full_bf16": move("weights_dtype", _switch("bf16", "fp32", "full_bf16")),  # kohya's flag
+    "stochastic_rounding": move("weights_rounding", _switch("stochastic", "nearest", "stochastic_rounding")),
     "loss_type": move("loss"),
     "snr_gamma": move("min_snr_gamma"),
 }

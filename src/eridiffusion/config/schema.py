@@ -37,7 +37,7 @@ class ModelConfig(Strict):
     clip_g_path: str | None = Field(default=None, description="separate CLIP-G text encoder (SDXL, SD3)")
     t5_path: str | None = Field(default=None, description="separate T5-XXL text encoder (SD3, Flux)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        default="fp32", description="storage dtype of frozen weights; trained parameters stay fp32"
+        default="fp32", description="storage dtype of frozen weights; trained ones: train.weights_dtype"
     )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         default=None, description="override the checkpoint's prediction type (SD1.5/SDXL); null keeps it"
@@ -105,6 +105,13 @@ SchedulerName = Literal[
 ]
 SCHEDULE_FREE: frozenset[str] = frozenset({"adamw_schedulefree"})
 """Optimizers that replace the LR schedule with their own averaging (Defazio et al. 2024)."""
+CHUNKED_STEP_REFUSED: dict[str, str] = {
+    "prodigy": "its step-size estimate pools every weight of a step, and bf16 weights are stepped a slice "
+    "at a time; use adamw, adamw8bit, adafactor, lion, came or sgd, or train.weights_dtype: fp32",
+    "adamw_schedulefree": "its averaging keeps per-step counters for all weights together, and bf16 "
+    "weights are stepped a slice at a time; use adamw or adafactor, or train.weights_dtype: fp32",
+}
+"""Optimizers that cannot step bf16 weights slice by slice (``train.weights_dtype: bf16``), and why."""
 
 
 def schedule_conflict(optimizer: str, params: dict[str, Any], scheduler: str, warmup: int) -> str | None:
@@ -180,6 +187,12 @@ class TrainConfig(Strict):
         return "no" if value is False else value
 
     gradient_checkpointing: bool = False
+    weights_dtype: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="dtype of fully trained weights; bf16 halves weights and gradients"
+    )
+    weights_rounding: Literal["stochastic", "kahan", "nearest"] = Field(
+        default="stochastic", description="how bf16 trained weights take each fp32 optimizer update"
+    )
     loss: Literal["mse", "l1", "huber"] = "mse"
     huber_delta: float = Field(default=0.1, gt=0)
     min_snr_gamma: float | None = Field(default=None, gt=0, description="Hang et al. 2023; 5.0 is typical")
@@ -206,6 +219,16 @@ class TrainConfig(Strict):
         problem = schedule_conflict(o.type, o.params, self.lr_scheduler, self.lr_warmup_steps)
         if problem:
             raise ValueError(f"train.optimizer.type {problem}")
+        if self.weights_dtype == "bf16":
+            if o.type in CHUNKED_STEP_REFUSED:
+                raise ValueError(
+                    f"train.optimizer.type {o.type} with weights_dtype bf16: {CHUNKED_STEP_REFUSED[o.type]}"
+                )
+            if self.mixed_precision in ("no", "fp16"):
+                raise ValueError(
+                    f"train.weights_dtype bf16 computes in bf16; set train.mixed_precision to bf16 or auto "
+                    f"(not {self.mixed_precision}), or weights_dtype: fp32"
+                )
         return self
 
 
@@ -582,6 +605,7 @@ class JobConfig(Strict):
         if set(name) == {"."}:
             raise ValueError(f"{name!r} names no folder of its own inside output_dir; choose a run name")
         return name
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     network: NetworkConfig | None = None
     pipeline: PipelineConfig | None = None
@@ -597,6 +621,31 @@ class JobConfig(Strict):
         """Regularisation sets are drawn as often as the training sets, so at least one must exist."""
         if all(d.is_reg for d in self.datasets):
             raise ValueError("every dataset has is_reg: true; at least one must hold the images to learn")
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_weights_trained_in_full(self) -> JobConfig:
+        """``train.weights_dtype`` is the dtype of fully trained components; an adapter's few weights stay
+        fp32, so the setting would do nothing there and is refused rather than ignored."""
+        if self.train.weights_dtype != "bf16":
+            return self
+        if self.network is not None:
+            raise ValueError(
+                "train.weights_dtype bf16 is for full fine-tunes; an adapter (network) trains fp32 weights. "
+                "Remove it (model.dtype: bf16 stores the frozen base in bf16)"
+            )
+        for i, step in enumerate(self.pipeline.steps if self.pipeline else []):
+            if step.kind == "autoencoder":
+                raise ValueError(
+                    f"pipeline.steps[{i}] ({step.name}): train.weights_dtype bf16 covers diffusion steps; "
+                    "train the autoencoder with weights_dtype: fp32"
+                )
+            for name, group in step.optimizers.items():
+                if group.type in CHUNKED_STEP_REFUSED:
+                    raise ValueError(
+                        f"pipeline.steps[{i}].optimizers.{name}.type {group.type} with train.weights_dtype "
+                        f"bf16: {CHUNKED_STEP_REFUSED[group.type]}"
+                    )
         return self
 
     @property

@@ -257,6 +257,8 @@ def create_engine(train: TrainConfig) -> Engine:
     world = launched_world_size()
     wanted = resolve_device(train.device, "train.device")
     amp = resolve_precision(train.mixed_precision, wanted)
+    if train.weights_dtype == "bf16":  # bf16 trained weights compute in bf16 on any device (CPU too)
+        amp = torch.bfloat16
     mixed = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     # a process may run several jobs (tests, a pipeline's fresh state): accelerate's state is process-wide
     AcceleratorState._reset_state()

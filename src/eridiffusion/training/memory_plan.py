@@ -35,6 +35,7 @@ from eridiffusion.data.loader import Batch
 from eridiffusion.models import Conditioning, ModelFamily, build_family, detect_arch
 from eridiffusion.models.stable_diffusion import load_preset, preset_names
 from eridiffusion.training.bench import synthetic_batch
+from eridiffusion.training.bf16_weights import bf16_optimizer
 from eridiffusion.training.memory_report import GIB, MemoryEstimate
 from eridiffusion.training.memory_trace import (
     ALLOCATOR_BLOCK,
@@ -390,7 +391,11 @@ def _optimizer(
     o = cfg.train.optimizer
     if o.type == "adamw8bit":
         return None, _eight_bit_state(list(params.values()))
-    return build_optimizer(params, o, cfg.train.lr), None
+    optimizer = build_optimizer(params, o, cfg.train.lr)
+    # bf16 trained weights: fp32 state, and one slice of weights widened to fp32 while it steps
+    return bf16_optimizer(
+        optimizer, o.type, cfg.train.weights_rounding, cfg.train.seed, "train.optimizer"
+    ), None
 
 
 def _materialise_state(
@@ -431,4 +436,9 @@ def _notes(
         notes.append("8-bit AdamW state counted by bytes (2 bytes per trained value + scales)")
     if cfg.model.dtype == "fp32" and cfg.train.mixed_precision != "no":
         notes.append("frozen weights are stored in fp32 (model.dtype); bf16 halves them")
+    if cfg.train.weights_dtype == "bf16":
+        notes.append(
+            "trained weights and gradients in bf16 (train.weights_dtype); the optimizer steps a slice of "
+            "them widened to fp32 at a time, counted in activations"
+        )
     return notes

@@ -35,6 +35,7 @@ from eridiffusion.training.autoencoder import (
     latent_channel_statistics,
     latent_scaling_factor,
 )
+from eridiffusion.training.bf16_weights import bf16_optimizer
 from eridiffusion.training.checkpoint import TrainState, atomic_write_dir
 from eridiffusion.training.ema import EMA
 from eridiffusion.training.engine import Engine
@@ -43,6 +44,7 @@ from eridiffusion.training.pipeline import StagePlan, stage_datasets
 from eridiffusion.training.step import ParamGroup, diffusion_loss, optimizer_step, step_generator
 
 logger = logging.getLogger(__name__)
+
 
 def single_stage_plan(cfg: JobConfig, family: ModelFamily) -> StagePlan:
     """A job without ``pipeline`` as the one step it is: train the adapter, or the family's trainable
@@ -138,10 +140,14 @@ def _group_config(cfg: JobConfig, stage: StageConfig, component: str) -> GroupCo
     )
 
 
-def _make_group(name: str, params: dict[str, nn.Parameter], g: GroupConfig, where: str) -> ParamGroup:
+def _make_group(
+    name: str, params: dict[str, nn.Parameter], g: GroupConfig, where: str, rounding: str, seed: int
+) -> ParamGroup:
     fields = {"type", "weight_decay", "betas", "eps", "params"}
     opt_cfg = OptimizerConfig(**{k: v for k, v in g.model_dump().items() if k in fields})
     optimizer = build_optimizer(params, opt_cfg, g.lr, where)
+    # bf16 trained weights (train.weights_dtype) take their updates through fp32, rounded back
+    optimizer = bf16_optimizer(optimizer, g.type, rounding, seed, where)
     return ParamGroup(name, params, optimizer, g.lr, g)
 
 
@@ -153,6 +159,8 @@ def _check_fsdp(engine: Engine, cfg: JobConfig, stage: StageConfig) -> None:
         why = "adapters are small: train them with train.distributed.strategy: ddp"
     elif stage.kind == "autoencoder":
         why = "autoencoder steps train with ddp"
+    elif cfg.train.weights_dtype == "bf16":
+        why = "train.weights_dtype bf16 is not supported with fsdp yet; use ddp or weights_dtype: fp32"
     elif (stage.ema or cfg.train.ema).enabled:
         why = "EMA is not supported with fsdp yet; turn train.ema off or use ddp"
     if why:
@@ -185,8 +193,9 @@ def _unfreeze(
         module.requires_grad_(False)
         module.eval()
     trained = {c for c in stage.trainable if c in modules}
+    weights = STORAGE_DTYPES[t.weights_dtype]  # train.weights_dtype: bf16 stores trained weights in bf16 too
     for name, module in modules.items():  # model.dtype: frozen weights stored in bf16/fp16 to save memory
-        target = torch.float32 if name in trained else STORAGE_DTYPES[cfg.model.dtype]
+        target = weights if name in trained else STORAGE_DTYPES[cfg.model.dtype]
         if any(p.dtype != target for p in module.parameters() if p.is_floating_point()):
             module.to(dtype=target)
     if plan.single and cfg.network is not None:
@@ -282,11 +291,13 @@ def setup_stage(
     if plan.single:  # one optimizer, clipped jointly: a job without pipeline trains one group
         g = _group_config(cfg, stage, "default")
         every = {k: p for d in per_comp.values() for k, p in d.items()}
-        groups = [_make_group("model", every, g, "train.optimizer")]
+        groups = [_make_group("model", every, g, "train.optimizer", cfg.train.weights_rounding, seed)]
     else:
         where = f"pipeline.steps[{plan.index}].optimizers"
         groups = [
-            _make_group(c, params, _group_config(cfg, stage, c), f"{where}.{c}")
+            _make_group(
+                c, params, _group_config(cfg, stage, c), f"{where}.{c}", cfg.train.weights_rounding, seed
+            )
             for c, params in per_comp.items()
         ]
     live = LiveStage(plan, groups, data, disc, None, offload, out_dir)
