@@ -12,6 +12,7 @@ from eridiffusion.models.meta import weightless_loading
 from eridiffusion.models.prompts import find_truncations
 from eridiffusion.models.protocol import ModelFamily
 from eridiffusion.networks import attach_network
+from eridiffusion.training.block_swap import swap_problem
 from eridiffusion.training.loop import load_or_build
 from eridiffusion.training.losses import min_snr_problem
 from eridiffusion.training.pipeline import StagePlan, plan_stages, stage_parameter_counts
@@ -131,6 +132,9 @@ def _family_problems(cfg: JobConfig, family: ModelFamily) -> list[str]:
     snr_problem = min_snr_problem(family.objective.prediction_type)
     if cfg.train.min_snr_gamma is not None and snr_problem:
         problems.append(snr_problem)
+    swap = swap_problem(family, cfg.train.blocks_to_swap)
+    if swap:
+        problems.append(swap)
     for i, d in enumerate(cfg.datasets):
         for resolution in d.resolutions:
             try:
