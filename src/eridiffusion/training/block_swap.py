@@ -21,6 +21,11 @@ What makes this correct whatever the autograd engine's order: every weight tenso
 swapped block's forward is stored as a reference (saved-tensor hooks, layered over the checkpoint's own),
 and reading it back copies the block in first if it is not there. The windows above only decide when the
 copies happen; a read outside them costs a copy, never a wrong value.
+
+Copies made from a weight during the forward (autocast's cast of an fp32 weight, a quantised weight's
+dequantised copy) are new tensors, which autograd keeps until the block's backward unless the block is
+gradient-checkpointed: the saving holds in full with ``train.gradient_checkpointing`` (or weights stored in
+the compute dtype, ``model.dtype: bf16``, and no quantisation).
 """
 
 from __future__ import annotations
@@ -130,9 +135,12 @@ def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _storage(t: torch.Tensor) -> int | None:
+    """The address of a plain tensor's storage (None for wrapper tensors, meta and empty storages, which
+    no weight can be told apart by)."""
     if is_traceable_wrapper_subclass(t) or t.device.type == "meta":
         return None
-    return t.untyped_storage().data_ptr()
+    storage = t.untyped_storage()
+    return storage.data_ptr() if storage.nbytes() else None
 
 
 class BlockSwap:
@@ -315,7 +323,8 @@ class BlockSwap:
         address = _storage(t) if self._storages else None
         if address is not None and address in self._storages:
             i, k = self._storages[address]
-            return _SavedWeight(i, k, tuple(t.size()), tuple(t.stride()), t.storage_offset())
+            if t.dtype == self.slots[i].entries[k].home.dtype:  # the weight or a view of it
+                return _SavedWeight(i, k, tuple(t.size()), tuple(t.stride()), t.storage_offset())
         return outer[0](t) if outer else t.detach()
 
     def _unpack(self, outer: Hooks | None, packed: Any) -> torch.Tensor:
