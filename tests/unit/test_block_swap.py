@@ -191,3 +191,51 @@ def test_refusals_name_the_setting() -> None:
     )
     full = flow_job("flux").model_copy(update={"network": None})
     assert "full fine-tune" in str(config_problem(full, 1)) and config_problem(full, 0) is None
+
+
+class Wide(nn.Module):
+    """Blocks whose frozen weights dwarf the activations, so the device's peak shows the swap."""
+
+    def __init__(self, blocks: int, width: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(blocks))
+        self.requires_grad_(False)
+        self.lora = nn.ParameterList(nn.Parameter(torch.zeros(width)) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, bias in zip(self.blocks, self.lora, strict=True):
+            x = checkpoint(block, x + bias, use_reentrant=False)
+        return x.square().mean()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream and the device peak need CUDA")
+def test_on_cuda_the_peak_falls_and_the_numbers_stay() -> None:
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    ref = Wide(8, 2048)
+    net = copy.deepcopy(ref)
+    block = 2048 * 2049 * 4
+    results = {}
+    for name, model in (("ref", ref), ("swap", net)):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()  # the other model's weights stay there: not this one's peak
+        torch.cuda.reset_peak_memory_stats()
+        swap = BlockSwap(list(model.blocks)[2:], cuda) if name == "swap" else None  # 6 turn in 2 places
+        if swap is not None:
+            swap.place(model)
+        else:
+            model.to(cuda)
+        opt = torch.optim.SGD(model.lora.parameters(), lr=0.1)
+        x = torch.randn(64, 2048, device=cuda, generator=torch.Generator(cuda).manual_seed(1))
+        losses = []
+        for _ in range(3):
+            loss = model(x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        peak = torch.cuda.max_memory_allocated() - before
+        results[name] = (losses, peak, [p.detach().cpu() for p in model.lora])
+    assert results["swap"][0] == pytest.approx(results["ref"][0], rel=1e-6)
+    assert all(torch.allclose(a, b) for a, b in zip(results["swap"][2], results["ref"][2], strict=True))
+    assert results["ref"][1] - results["swap"][1] > 3.5 * block  # 4 of 8 blocks' weights off the device
