@@ -126,6 +126,10 @@ class _SavedWeight:
     offset: int
 
 
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
 def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors holding ``t``'s data (a quantised wrapper tensor's inner tensors)."""
     if not is_traceable_wrapper_subclass(t):
@@ -183,9 +187,11 @@ class BlockSwap:
             for name, t, buffer in tensors:
                 if t.requires_grad:
                     continue  # trained: stays on the device with its gradient and optimizer state
-                home = t.detach().to(self.host)
-                if pin and not is_traceable_wrapper_subclass(home):  # copies from pinned memory are async
-                    home = home.pin_memory()
+                if _plain(t):
+                    home = t.detach().to(self.host)
+                    home = home.pin_memory() if pin else home  # copies from pinned memory are async
+                else:  # a quantised weight keeps its class and what it carries (bitsandbytes' quant_state)
+                    home = t if t.device == self.host else t.to(self.host)
                 entries.append(_Entry(owner, name, buffer, home))
         return entries
 
@@ -222,12 +228,12 @@ class BlockSwap:
         for e, t in zip(slot.entries, tensors, strict=True):
             if e.buffer:
                 e.owner._buffers[e.name] = t
-            elif is_traceable_wrapper_subclass(t):  # wrapper tensors cannot take .data; a new Parameter
-                e.owner._parameters[e.name] = nn.Parameter(t, requires_grad=False)
-            else:
+            elif _plain(t):
                 param = e.owner._parameters[e.name]
                 assert param is not None
                 param.data = t
+            else:  # quantised weights move with their own .to() (their scales too) and are installed whole
+                e.owner._parameters[e.name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, False)
 
     def _park(self, slot: _Slot, record: bool = True) -> None:
         shown = [self.placeholder(e.home) if self.placeholder else e.home for e in slot.entries]
