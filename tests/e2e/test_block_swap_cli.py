@@ -44,6 +44,7 @@ def test_validate_refuses_what_block_swap_cannot_do(tmp_path: Path, capsys: pyte
     job["train"].update(train_text_encoder=False, blocks_to_swap=1)
     path = str(write_yaml(tmp_path / "job.yaml", job))
     assert main(["validate", path]) == 0
+    assert "block swap: the last 3 denoiser blocks take turns in 2 places" in capsys.readouterr().out
     cases = {
         "train.blocks_to_swap=2": "train.blocks_to_swap: 2 would leave fewer than two of the denoiser's 3",
         "train.blocks_to_swap=-1": "train.blocks_to_swap",
