@@ -58,4 +58,4 @@ def test_plan_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["plan", str(write_job(tmp_path)), "--resolution", "500"]) == 2
     assert "height 500 must be a positive multiple of" in capsys.readouterr().err
     assert main(["plan", str(write_job(tmp_path)), "--blocks-to-swap", "4"]) == 2
-    assert "no transformer block list" in capsys.readouterr().err
+    assert "has no list of repeated transformer blocks" in capsys.readouterr().err

@@ -193,6 +193,9 @@ class TrainConfig(Strict):
     weights_rounding: Literal["stochastic", "kahan", "nearest"] = Field(
         default="stochastic", description="how bf16 trained weights take each fp32 optimizer update"
     )
+    blocks_to_swap: int = Field(
+        default=0, ge=0, description="denoiser blocks kept on the host between uses (flux, sd3 adapter jobs)"
+    )
     loss: Literal["mse", "l1", "huber"] = "mse"
     huber_delta: float = Field(default=0.1, gt=0)
     min_snr_gamma: float | None = Field(default=None, gt=0, description="Hang et al. 2023; 5.0 is typical")

@@ -213,6 +213,11 @@ class FluxFamily(FlowTransformerFamily):
     def guidance_embeds(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
 
+    def swappable_blocks(self) -> list[nn.Module]:
+        """The double-stream blocks, then the single-stream ones (the forward's order)."""
+        t = self.transformer
+        return [*t.transformer_blocks, *t.single_transformer_blocks]
+
     def embedded_guidance(self, scale: float, n: int) -> Conditioning | None:
         """dev: the scale goes into the guidance embedding (no CFG); schnell: None (ordinary CFG)."""
         return {"guidance": torch.full((n,), float(scale))} if self.guidance_embeds else None

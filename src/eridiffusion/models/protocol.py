@@ -162,6 +162,18 @@ class ControlNetSupport(Protocol):
 
 
 @runtime_checkable
+class SwappableBlocks(Protocol):
+    """Optional capability of transformer families: the denoiser's repeated blocks, which block swap
+    (``train.blocks_to_swap``) keeps on the host between uses. UNet families have no such list (their down
+    and up blocks differ in size and feed each other through skip connections), so they lack it."""
+
+    def swappable_blocks(self) -> list[nn.Module]:
+        """The blocks in the order the denoiser's forward runs them, each called once per forward as a
+        module (so hooks around its call see all of its work)."""
+        ...
+
+
+@runtime_checkable
 class SingleFileExport(Protocol):
     """Optional capability: write the model as one ``.safetensors`` in its original (non-diffusers) layout,
     the file A1111/Forge/ComfyUI load as a checkpoint (``eri merge --out model.safetensors``)."""

@@ -179,6 +179,10 @@ class SD3Family(FlowTransformerFamily):
             if value > limit:
                 raise ValueError(f"{name} {value} exceeds this sd3 model's maximum of {limit} px")
 
+    def swappable_blocks(self) -> list[nn.Module]:
+        """The joint (MMDiT) blocks in the forward's order."""
+        return list(self.transformer.transformer_blocks)
+
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         clip = self._clip_outputs(prompts)
         t5 = self._t5_output(prompts)

@@ -29,6 +29,7 @@ from eridiffusion.inference.samplers import check_sampler
 from eridiffusion.models import ModelFamily, build_family, load_family
 from eridiffusion.networks.metadata import model_card
 from eridiffusion.progress import progress_bar
+from eridiffusion.training.block_swap import swap_problem
 from eridiffusion.training.checkpoint import CheckpointManager, TrainState, atomic_write_dir
 from eridiffusion.training.engine import Engine, create_engine
 from eridiffusion.training.logs import RunLogger
@@ -187,6 +188,7 @@ def _run_stages(
         started = time.perf_counter()
         metrics = run_stage(run, family, live, state)
         output = _end_stage(run, family, live, state, metrics, started)
+        live.end()
         family = None if not plan.single and plan.index + 1 < len(plans) else family
     if family is None:  # every stage had finished before this resume: the last one's model
         family = _model_at_stage(cfg, plans, len(plans))
@@ -212,6 +214,9 @@ def _plan(cfg: JobConfig, family: ModelFamily) -> list[StagePlan]:
                 family.check_size(resolution, resolution)
             except ValueError as exc:
                 raise ValueError(f"datasets[{i}].resolution: {exc}") from None
+    swap = swap_problem(family, cfg.train.blocks_to_swap)
+    if swap:
+        raise ValueError(swap)
     if cfg.pipeline is None:
         return [single_stage_plan(cfg, family)]
     plans, problems = plan_stages(cfg, family)

@@ -10,10 +10,11 @@ caches and activations (the rest).
 What the trace cannot see is modelled by bytes and said so in the notes: a quantised frozen base stores
 its Linear weights in 1 byte (fp8/int8, plus one scale per output row) or 0.5 byte plus one fp32 scale per
 64 weights (nf4), and each quantised layer dequantises its weight for the moment it runs; an 8-bit AdamW
-keeps two uint8 states and a per-256 scale; block swap keeps N transformer blocks on the host and one in
-flight. The device is assumed to be a CUDA GPU: ``mixed_precision: auto`` is bf16, sizes are rounded to the
-caching allocator's 512-byte blocks, and the CUDA context and allocator slack are added before the
-``--gpu-gb`` check (see :mod:`.memory_report`).
+keeps two uint8 states and a per-256 scale; block swap keeps the last N + 2 transformer blocks' frozen
+weights on the host with two of them on the device at a time (the running one and the next one arriving,
+see :mod:`.block_swap`). The device is assumed to be a CUDA GPU: ``mixed_precision: auto`` is bf16, sizes are
+rounded to the caching allocator's 512-byte blocks, and the CUDA context and allocator slack are added
+before the ``--gpu-gb`` check (see :mod:`.memory_report`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from eridiffusion.models import Conditioning, ModelFamily, build_family, detect_
 from eridiffusion.models.stable_diffusion import load_preset, preset_names
 from eridiffusion.training.bench import synthetic_batch
 from eridiffusion.training.bf16_weights import bf16_optimizer
+from eridiffusion.training.block_swap import config_problem, swapped_blocks
 from eridiffusion.training.memory_report import GIB, MemoryEstimate
 from eridiffusion.training.memory_trace import (
     ALLOCATOR_BLOCK,
@@ -55,15 +57,6 @@ QUANTISED_BYTES = {"none": None, "fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
 absmax each, no double quantisation); fp8/int8 add one fp32 scale per output row."""
 REAL_PRESETS = {"sd15": "full", "sdxl": "full", "sd3": "large", "flux": "dev"}
 """The real-size preset used for a config that loads its weights from ``model.name_or_path``."""
-
-
-def _setting(obj: Any, path: str) -> Any:
-    """A config value that may not exist in the schema yet (``model.quantize.weights``): None if absent."""
-    for part in path.split("."):
-        obj = getattr(obj, part, None) if not isinstance(obj, dict) else obj.get(part)
-        if obj is None:
-            return None
-    return obj
 
 
 def _loaded_preset(arch: str, path: Path) -> tuple[str | None, str]:
@@ -163,23 +156,6 @@ def _to_fake(
     return {k: new[id(p)] for k, p in params.items()}
 
 
-def _swapped_blocks(denoiser: nn.Module, n: int) -> list[nn.Module]:
-    """The last ``n`` blocks of the denoiser's transformer block lists (kohya swaps from the end)."""
-    blocks = [
-        b
-        for name, child in denoiser.named_children()
-        if isinstance(child, nn.ModuleList) and "transformer_blocks" in name
-        for b in child
-    ]
-    if not blocks:
-        raise ValueError("train.blocks_to_swap: this denoiser has no transformer block list to swap")
-    if n >= len(blocks):
-        raise ValueError(
-            f"train.blocks_to_swap: {n} >= the denoiser's {len(blocks)} blocks; keep at least one"
-        )
-    return blocks[len(blocks) - n :]
-
-
 def _quantised_linear_weights(module: nn.Module) -> set[int]:
     """ids of the frozen Linear weights a quantised base stores in low precision (peft wraps them as
     ``base_layer``; adapters and non-Linear layers stay in their dtype)."""
@@ -198,7 +174,8 @@ def _register_weights(
     swapped: list[nn.Module],
 ) -> tuple[int, int]:
     """Count the device-resident tensors of ``resident``; returns (the bf16 bytes of the largest quantised
-    weight -- its dequantised copy while the layer runs --, the bytes of the largest swapped block)."""
+    weight -- its dequantised copy while the layer runs --, the most frozen bytes two consecutive swapped
+    blocks hold: the one running and the one arriving)."""
     offloaded = {id(p) for b in swapped for p in [*b.parameters(), *b.buffers()] if not p.requires_grad}
     largest_dequant = 0
     for name, module in resident.items():
@@ -220,11 +197,11 @@ def _register_weights(
                 largest_dequant = max(largest_dequant, t.numel() * 2)
             else:
                 tracker.track(t, WEIGHTS)
-    block_bytes = max(
-        (sum(p.numel() * p.element_size() for p in b.parameters() if not p.requires_grad) for b in swapped),
-        default=0,
-    )
-    return largest_dequant, block_bytes
+    sizes = [
+        sum(p.numel() * p.element_size() for p in b.parameters() if not p.requires_grad) for b in swapped
+    ]
+    in_flight = max((a + b for a, b in zip(sizes, sizes[1:], strict=False)), default=sum(sizes))
+    return largest_dequant, in_flight
 
 
 def _eight_bit_state(params: list[nn.Parameter]) -> int:
@@ -259,8 +236,8 @@ def estimate_memory(
     allocator reports them).
 
     ``quantize`` / ``quantize_text_encoders`` / ``blocks_to_swap`` default to the config's
-    ``model.quantize`` / ``model.quantize_text_encoders`` / ``train.blocks_to_swap`` where the
-    schema has them; ``resolution`` defaults to the datasets' largest.
+    ``model.quantize`` / ``model.quantize_text_encoders`` / ``train.blocks_to_swap``; ``resolution``
+    defaults to the datasets' largest.
     """
     if cfg.pipeline is not None:
         raise ValueError("eri plan estimates single-stage jobs; plan each pipeline step as its own config")
@@ -269,7 +246,10 @@ def estimate_memory(
     for where, value in (("quantize", quantize), ("quantize text_encoders", quantize_text)):
         if value not in QUANTISED_BYTES:
             raise ValueError(f"{where}: {value!r} is not one of {sorted(QUANTISED_BYTES)}")
-    swap = blocks_to_swap if blocks_to_swap is not None else _setting(cfg, "train.blocks_to_swap") or 0
+    swap = cfg.train.blocks_to_swap if blocks_to_swap is None else blocks_to_swap
+    problem = config_problem(cfg, swap)
+    if problem:
+        raise ValueError(problem)
     arch, options, notes = _architecture(cfg, preset)
     largest, latent_cache, text_cache = _dataset_flags(cfg)
     resolution = resolution or largest
@@ -292,9 +272,9 @@ def estimate_memory(
         offloaded = set(image_names if latent_cache else []) | set(text_names if text_cache else [])
         offloaded -= trained  # the cache offload keeps components that train
         resident = {n: m for n, m in modules.items() if n not in offloaded}
-        swapped = _swapped_blocks(modules["denoiser"], swap) if swap else []
+        swapped = swapped_blocks(family, swap)
         tracker = LiveMemory(block)
-        dequant, block = _register_weights(tracker, resident, quantize, quantize_text, swapped)
+        dequant, in_flight = _register_weights(tracker, resident, quantize, quantize_text, swapped)
         # caches are filled with only the encoders on the device; the denoiser is placed after they leave
         preparing = sum(
             p.numel() * p.element_size()
@@ -309,7 +289,7 @@ def estimate_memory(
             p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, GRADS)) for p in param_list
         ]
         with tracker:
-            tracker.add_constant(WEIGHTS, dequant + block)
+            tracker.add_constant(WEIGHTS, dequant + in_flight)
             _materialise_state(tracker, optimizer, param_list, state_bytes)
             if t.gradient_accumulation_steps > 1:  # micro-batches after the first add into held gradients
                 for p in param_list:
@@ -328,7 +308,7 @@ def estimate_memory(
                 p.grad = None
         for h in hooks:
             h.remove()
-    notes += _notes(quantize, quantize_text, swap, dequant, block, t.optimizer.type, cfg)
+    notes += _notes(quantize, quantize_text, swap, dequant, in_flight, t.optimizer.type, cfg)
     split = tracker.at_peak
     known = sum(split[k] for k in (WEIGHTS, TRAINABLE, GRADS, OPTIMIZER, CACHES))
     return MemoryEstimate(
@@ -422,7 +402,7 @@ def _materialise_state(
 
 
 def _notes(
-    quantize: str, quantize_text: str, swap: int, dequant: int, block: int, optimizer: str, cfg: JobConfig
+    quantize: str, quantize_text: str, swap: int, dequant: int, in_flight: int, optimizer: str, cfg: JobConfig
 ) -> list[str]:
     notes = []
     if quantize != "none" or quantize_text != "none":
@@ -431,7 +411,10 @@ def _notes(
             f"frozen Linear weight) plus one dequantised layer in flight ({dequant / GIB:.2f} GiB)"
         )
     if swap:
-        notes.append(f"{swap} blocks kept on the host; one block in flight ({block / GIB:.2f} GiB)")
+        notes.append(
+            f"block swap: {swap} fewer blocks on the device; the last {swap + 2} take turns in two places "
+            f"({in_flight / GIB:.2f} GiB)"
+        )
     if optimizer == "adamw8bit":
         notes.append("8-bit AdamW state counted by bytes (2 bytes per trained value + scales)")
     if cfg.model.dtype == "fp32" and cfg.train.mixed_precision != "no":

@@ -13,6 +13,7 @@ from eridiffusion.models.meta import weightless_loading
 from eridiffusion.models.prompts import find_truncations
 from eridiffusion.models.protocol import ModelFamily
 from eridiffusion.networks import attach_network
+from eridiffusion.training.block_swap import swap_problem, swapped_blocks
 from eridiffusion.training.loop import load_or_build
 from eridiffusion.training.losses import min_snr_problem
 from eridiffusion.training.pipeline import StagePlan, plan_stages, stage_parameter_counts
@@ -83,9 +84,18 @@ def describe_plan(cfg: JobConfig) -> str:
         f"  steps: {t.steps} x {per_step} images = {t.steps * per_step / max(1, images):.1f} epochs",
         f"  optimizer: {t.optimizer.type} lr {t.lr:g}, {t.lr_scheduler} schedule, warmup {t.lr_warmup_steps}",
         f"  checkpoints every {cfg.save.every} steps, keeping {cfg.save.keep}",
+        *_swap_line(cfg, family),
         *notes,
     ]
     return "\n".join(lines)
+
+
+def _swap_line(cfg: JobConfig, family: ModelFamily) -> list[str]:
+    n = cfg.train.blocks_to_swap
+    if not n:
+        return []
+    blocks = swapped_blocks(family, n)
+    return [f"  block swap: the last {len(blocks)} denoiser blocks take turns in 2 places on the device"]
 
 
 def _caption_notes(cfg: JobConfig, family: ModelFamily) -> list[str]:
@@ -132,6 +142,9 @@ def _family_problems(cfg: JobConfig, family: ModelFamily) -> list[str]:
     snr_problem = min_snr_problem(family.objective.prediction_type)
     if cfg.train.min_snr_gamma is not None and snr_problem:
         problems.append(snr_problem)
+    swap = swap_problem(family, cfg.train.blocks_to_swap)
+    if swap:
+        problems.append(swap)
     for i, d in enumerate(cfg.datasets):
         for resolution in d.resolutions:
             try:

@@ -15,6 +15,7 @@ from eridiffusion.device import resolve_device
 from eridiffusion.inference.samplers import check_sampler, resolve_sampler
 from eridiffusion.models import FAMILIES, detect_arch
 from eridiffusion.models.hub import resolve_model_path
+from eridiffusion.training.block_swap import config_problem
 from eridiffusion.training.losses import min_snr_problem
 from eridiffusion.training.optim import optimizer_problems
 from eridiffusion.training.pipeline import estimate_images
@@ -108,6 +109,9 @@ def preflight_problems(cfg: JobConfig) -> tuple[int, list[str]]:
     except ValueError as exc:
         problems.append(str(exc))
     problems += _optimizer_problems(cfg) + unsupported_settings(cfg) + _data_problems(cfg, images)
+    swap = config_problem(cfg, cfg.train.blocks_to_swap)
+    if swap:
+        problems.append(swap)
     arch, arch_problems = planned_arch(cfg)
     problems += arch_problems
     if arch is not None and arch in FAMILIES:

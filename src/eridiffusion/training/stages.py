@@ -36,6 +36,7 @@ from eridiffusion.training.autoencoder import (
     latent_scaling_factor,
 )
 from eridiffusion.training.bf16_weights import bf16_optimizer
+from eridiffusion.training.block_swap import BlockSwap, start_block_swap
 from eridiffusion.training.checkpoint import TrainState, atomic_write_dir
 from eridiffusion.training.ema import EMA
 from eridiffusion.training.engine import Engine
@@ -84,6 +85,8 @@ class LiveStage:
     out_dir: Path
     batches: Iterator[Batch] | None = None
     """Micro-batches from the stage's current position (opened by :meth:`open_batches`)."""
+    block_swap: BlockSwap | None = None
+    """``train.blocks_to_swap``'s hooks on the denoiser, removed by :meth:`end` once the stage is done."""
 
     def open_batches(self, start: int, num_workers: int, pin_memory: bool, per_step: int) -> None:
         """Micro-batches ``start`` onwards, up to the stage's last possible one (workers build them ahead)."""
@@ -96,6 +99,12 @@ class LiveStage:
     def close(self) -> None:
         if self.batches is not None:
             self.batches.close()
+
+    def end(self) -> None:
+        """After the stage's result is written: unhook the block swap (its blocks stay on the host)."""
+        if self.block_swap is not None:
+            self.block_swap.remove()
+            self.block_swap = None
 
     def params(self) -> dict[str, nn.Parameter]:
         return {k: p for g in self.groups for k, p in g.params.items()}
@@ -238,11 +247,14 @@ def trainable_parameters(family: ModelFamily, cfg: JobConfig) -> dict[str, nn.Pa
     return {k: p for params in per_comp.values() for k, p in params.items()}
 
 
-def _place(cfg: JobConfig, family: ModelFamily, data: TrainingData, engine: Engine) -> EncoderOffload:
+def _place(
+    cfg: JobConfig, family: ModelFamily, data: TrainingData, engine: Engine
+) -> tuple[EncoderOffload, BlockSwap | None]:
     """Move the model to the device in the order that keeps its peak lowest: with caches, only the encoders
     go first, encode every image and caption, and leave again for good when every batch comes from the
     cache; then the rest (the denoiser) follows. The encoders and the denoiser are never on the device
-    together unless a batch still needs an encoder."""
+    together unless a batch still needs an encoder. Blocks that ``train.blocks_to_swap`` keeps on the host
+    never go to the device here: they visit it only while they run."""
     modules = family.modules()
     image_names, text_names = encoder_names(family)
     needed = (image_names if any(d.cache_latents_to_disk for d in data.configs) else []) + (
@@ -252,10 +264,14 @@ def _place(cfg: JobConfig, family: ModelFamily, data: TrainingData, engine: Engi
         modules[name].to(engine.device)
     with engine.main_first():  # the main process computes the caches, the others read them
         offload = prepare_caches(data, family, engine.device, cfg.logging.progress and engine.is_main)
+    swap = start_block_swap(cfg, family, engine.device)
     for name, module in modules.items():
         if name not in offload.names:
-            module.to(engine.device)
-    return offload
+            if swap is not None:
+                swap.place(module)
+            else:
+                module.to(engine.device)
+    return offload, swap
 
 
 def setup_stage(
@@ -287,7 +303,7 @@ def setup_stage(
         per_step = 1 if stage.kind == "autoencoder" else cfg.train.gradient_accumulation_steps
         batches = stage.n_epochs * data.batches_per_epoch
         plan = dataclasses.replace(plan, steps=max(1, -(-batches // per_step)))
-    offload = _place(cfg, family, data, engine)
+    offload, swap = _place(cfg, family, data, engine)
     if plan.single:  # one optimizer, clipped jointly: a job without pipeline trains one group
         g = _group_config(cfg, stage, "default")
         every = {k: p for d in per_comp.values() for k, p in d.items()}
@@ -300,7 +316,7 @@ def setup_stage(
             )
             for c, params in per_comp.items()
         ]
-    live = LiveStage(plan, groups, data, disc, None, offload, out_dir)
+    live = LiveStage(plan, groups, data, disc, None, offload, out_dir, block_swap=swap)
     ema_cfg = stage.ema or cfg.train.ema
     if ema_cfg.enabled:
         live.ema = EMA(live.ema_params(), ema_cfg.decay, ema_cfg.warmup)
