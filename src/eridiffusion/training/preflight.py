@@ -18,6 +18,7 @@ from eridiffusion.models.hub import resolve_model_path
 from eridiffusion.training.losses import min_snr_problem
 from eridiffusion.training.optim import optimizer_problems
 from eridiffusion.training.pipeline import estimate_images
+from eridiffusion.training.validation import planned_validation
 
 
 def planned_arch(cfg: JobConfig) -> tuple[str | None, list[str]]:
@@ -108,6 +109,7 @@ def preflight_problems(cfg: JobConfig) -> tuple[int, list[str]]:
     except ValueError as exc:
         problems.append(str(exc))
     problems += _optimizer_problems(cfg) + unsupported_settings(cfg) + _data_problems(cfg, images)
+    problems += planned_validation(cfg)[1]
     arch, arch_problems = planned_arch(cfg)
     problems += arch_problems
     if arch is not None and arch in FAMILIES:
