@@ -172,3 +172,20 @@ def test_validate_shows_the_validation_set_and_refuses_bad_settings(
     job["save"] = {"every": 2}
     assert main(["validate", str(write_yaml(tmp_path / "p.yaml", job))]) == EXIT_USER_ERROR
     assert "pipeline.steps[0].transition.metric: val/loss is watched" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_validate_alike_and_keep_one_best_list(tmp_path: Path, strategy: str) -> None:
+    """Every process scores the validation set (FSDP needs them all) and takes the main one's value, so
+    keep-best saves and transitions agree; only the main process logs."""
+    from tests.e2e.test_distributed import eri
+
+    job = val_job(tmp_path, every=1, keep=1, keep_best=1)
+    job["train"].update(steps=3, batch_size=4, ema={"enabled": False}, distributed={"strategy": strategy})
+    r = eri("train", "--num-processes", "2", str(write_yaml(tmp_path / "j.yaml", job)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "output" / "v"
+    assert [row["step"] for row in _rows(run) if "val/loss" in row] == [1, 2, 3]
+    assert len(_best(run)) == 1
+    assert len([p for p in (run / "checkpoints" / "best").iterdir() if p.is_dir()]) == 1

@@ -16,6 +16,7 @@ from eridiffusion.data.loader import open_sources
 from eridiffusion.data.shapes import write_shapes_dataset
 from eridiffusion.data.validation import held_out_items, split_datasets, split_problem
 from eridiffusion.models.objectives import DDPMObjective, FlowMatchObjective
+from eridiffusion.training.pipeline import changed_paths, pipeline_snapshot
 from eridiffusion.training.validation import rank_best
 from tests.conftest import tiny_job
 
@@ -148,3 +149,17 @@ def test_keep_best_ranking_keeps_the_lowest_and_replaces_only_with_better() -> N
     best = rank_best(best, 60, 1, 0.9, keep=2) or best
     assert {e["step"] for e in best} == {50, 20, 60}
     assert rank_best(best, 70, 0, 0.3, keep=0) is None
+
+
+def test_a_pipeline_ending_on_val_loss_resumes_only_with_the_same_validation(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    job["datasets"][0]["validation_split"] = 0.1
+    job["validation"] = {"every": 2}
+    rule = {"type": "loss_threshold", "metric": "val/loss", "threshold": 1.0}
+    step = {"name": "a", "trainable": ["denoiser"], "max_steps": 4, "transition": rule}
+    job["pipeline"] = {"steps": [step]}
+    before = pipeline_snapshot(JobConfig.model_validate(job))
+    job["validation"] = {"every": 3}
+    assert changed_paths(before, pipeline_snapshot(JobConfig.model_validate(job))) == ["validation.every"]
+    job["pipeline"]["steps"][0]["transition"] = {"type": "steps"}
+    assert "validation" not in pipeline_snapshot(JobConfig.model_validate(job))  # older checkpoints still fit

@@ -512,6 +512,10 @@ class TransitionConfig(Strict):
     min_steps: int = Field(default=0, ge=0, description="never end a loss_threshold step before this")
     smoothing: float = Field(default=0.9, ge=0, lt=1, description="EMA smoothing of the watched metric")
 
+    @property
+    def watches_validation(self) -> bool:
+        return self.type == "loss_threshold" and self.metric == VAL_METRIC
+
     @model_validator(mode="after")
     def _threshold_given(self) -> TransitionConfig:
         if self.type == "loss_threshold" and self.threshold is None:
@@ -646,7 +650,7 @@ class JobConfig(Strict):
         if all(d.is_reg for d in self.datasets):
             raise ValueError("every dataset has is_reg: true; at least one must hold the images to learn")
         if all(d.is_reg or d.is_val for d in self.datasets):
-            raise ValueError("every dataset has is_val or is_reg: true; at least one must hold images to fit")
+            raise ValueError("every dataset has is_reg or is_val: true; one must hold images to train on")
         return self
 
     @model_validator(mode="after")

@@ -308,7 +308,9 @@ def _validate(run: Run, family: ModelFamily, live: LiveStage, metrics: dict[str,
         return False
     ema = live.ema if run.cfg.validation.use_ema else None
     with ema_weights(ema, live.ema_params()), live.eval_weights(), live.offload.restored():
-        metrics[VAL_METRIC] = live.validator.evaluate(family, run.engine)
+        loss = live.validator.evaluate(family, run.engine)
+    # the main process's value everywhere: keep-best and transition decisions must agree across processes
+    metrics[VAL_METRIC] = run.engine.broadcast(loss)
     return True
 
 

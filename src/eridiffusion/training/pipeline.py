@@ -59,19 +59,19 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def pipeline_snapshot(cfg: JobConfig) -> dict[str, Any]:
-    """What a resumed pipeline must agree with: the steps (after defaults), model and datasets."""
+    """What a resumed pipeline must agree with: the steps (after defaults), model and datasets, and the
+    validation settings when a step ends on val/loss (they decide when it ends)."""
     assert cfg.pipeline is not None
-    return json.loads(
-        json.dumps(
-            {
-                "steps": [s.model_dump(mode="json") for s in cfg.pipeline.steps],
-                "model": cfg.model.model_dump(mode="json"),
-                "datasets": [d.model_dump(mode="json") for d in cfg.datasets],
-                "seed": cfg.train.seed,
-                "ema": cfg.train.ema.model_dump(mode="json"),
-            }
-        )
-    )
+    snapshot = {
+        "steps": [s.model_dump(mode="json") for s in cfg.pipeline.steps],
+        "model": cfg.model.model_dump(mode="json"),
+        "datasets": [d.model_dump(mode="json") for d in cfg.datasets],
+        "seed": cfg.train.seed,
+        "ema": cfg.train.ema.model_dump(mode="json"),
+    }
+    if any(s.transition.watches_validation for s in cfg.pipeline.steps):
+        snapshot["validation"] = cfg.validation.model_dump(mode="json")
+    return json.loads(json.dumps(snapshot))
 
 
 def changed_paths(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from eridiffusion.config.schema import VAL_METRIC, DatasetConfig, JobConfig, StageConfig
+from eridiffusion.config.schema import DatasetConfig, JobConfig, StageConfig
 from eridiffusion.data.cache import encoder_names
 from eridiffusion.data.loader import TrainingData
 from eridiffusion.data.validation import Split, held_out_count, split_problem
@@ -44,7 +44,7 @@ def validation_problems(cfg: JobConfig) -> list[str]:
     """Weight-free problems of a pipeline step watching ``val/loss`` (each names its YAML path)."""
     problems = []
     for i, stage in enumerate(cfg.pipeline.steps if cfg.pipeline else []):
-        if stage.transition.type != "loss_threshold" or stage.transition.metric != VAL_METRIC:
+        if not stage.transition.watches_validation:
             continue
         where = f"pipeline.steps[{i}].transition.metric"
         if stage.kind != "diffusion":
