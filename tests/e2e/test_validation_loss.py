@@ -16,10 +16,10 @@ from eridiffusion.config.schema import JobConfig
 from eridiffusion.data.loader import open_sources
 from eridiffusion.data.validation import split_datasets
 from eridiffusion.models import build_family
-from eridiffusion.training import loop
+from eridiffusion.training import logs, loop
 from eridiffusion.training.engine import Engine
 from eridiffusion.training.pipeline import stage_datasets
-from eridiffusion.training.stages import single_stage_plan
+from eridiffusion.training.stages import setup_stage, single_stage_plan
 from eridiffusion.training.validation import Validator
 from tests.conftest import TINY_OPTIONS, tiny_job, write_yaml
 
@@ -39,8 +39,19 @@ def _rows(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_val_loss_is_logged_falls_and_leaves_the_trained_weights_alone(tmp_path: Path) -> None:
-    assert main(["train", str(write_yaml(tmp_path / "v.yaml", val_job(tmp_path)))]) == 0
+def test_val_loss_is_logged_falls_and_leaves_the_trained_weights_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.e2e.test_wandb import Recorder
+
+    rec = Recorder()
+    monkeypatch.setattr(logs, "_start_wandb", lambda cfg, run_id: rec)
+    job = val_job(tmp_path)
+    job["logging"]["wandb"] = {"mode": "offline"}
+    with caplog.at_level("INFO"):
+        assert main(["train", str(write_yaml(tmp_path / "v.yaml", job))]) == 0
+    assert "step 8: val/loss" in caplog.text
+    assert [s for s, values in rec.rows if "val/loss" in values] == [2, 4, 6, 8]
     run = tmp_path / "output" / "v"
     rows = _rows(run)
     val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
@@ -189,3 +200,34 @@ def test_two_processes_validate_alike_and_keep_one_best_list(tmp_path: Path, str
     assert [row["step"] for row in _rows(run) if "val/loss" in row] == [1, 2, 3]
     assert len(_best(run)) == 1
     assert len([p for p in (run / "checkpoints" / "best").iterdir() if p.is_dir()]) == 1
+
+
+def test_held_out_files_never_reach_the_training_data(tmp_path: Path) -> None:
+    cfg = JobConfig.model_validate(val_job(tmp_path))
+    family = build_family("tiny", TINY_OPTIONS)
+    plan = single_stage_plan(cfg, family)
+    live = setup_stage(cfg, family, plan, Engine(torch.device("cpu"), None), tmp_path / "out")
+    assert live.validator is not None
+    trained = {str(p) for p in live.data.sources[0].paths}  # type: ignore[attr-defined]
+    held = {str(p) for p in live.validator.data.sources[0].paths}  # type: ignore[attr-defined]
+    assert len(trained) == 42 and len(held) == 6 and not trained & held
+    assert live.data.samples_per_epoch == 42
+
+
+@pytest.mark.parametrize("case", ["flux_lora", "tiny_cached_latents"])
+def test_validation_with_flow_lora_and_with_a_latent_cache(tmp_path: Path, case: str) -> None:
+    if case == "flux_lora":
+        from tests.e2e.test_flow_cli import flow_job
+
+        job = flow_job(tmp_path, "flux")
+        job["network"] = {"type": "lora", "linear": 2}
+        job["sample"]["prompts"] = []
+    else:
+        job = tiny_job(tmp_path, name="flux")
+        job["train"]["steps"] = 3
+        job["datasets"][0].update(cache_latents_to_disk=True, flip_x=True)
+    job["datasets"][0]["validation_split"] = 0.25
+    job["validation"] = {"every": 1, "timesteps": 3}
+    assert main(["train", str(write_yaml(tmp_path / "j.yaml", job))]) == 0
+    val = [r["val/loss"] for r in _rows(tmp_path / "output" / "flux") if "val/loss" in r]
+    assert len(val) == 3 and all(0 < v < 10 for v in val)
