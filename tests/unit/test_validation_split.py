@@ -149,6 +149,7 @@ def test_keep_best_ranking_keeps_the_lowest_and_replaces_only_with_better() -> N
     best = rank_best(best, 60, 1, 0.9, keep=2) or best
     assert {e["step"] for e in best} == {50, 20, 60}
     assert rank_best(best, 70, 0, 0.3, keep=0) is None
+    assert rank_best(best, 80, 0, float("nan"), keep=2) is None  # a diverged model is never "best"
 
 
 def test_a_pipeline_ending_on_val_loss_resumes_only_with_the_same_validation(tmp_path: Path) -> None:

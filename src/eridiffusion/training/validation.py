@@ -18,6 +18,7 @@ meaning with those settings. Autoencoder steps are not validated.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,8 +184,8 @@ def rank_best(
 ) -> list[dict[str, Any]] | None:
     """The keep-best list with this evaluation in it, or None when it does not make the list: per pipeline
     stage (losses of different stages do not compare) the ``keep`` lowest, a tie going to the earlier one,
-    so a kept checkpoint is only ever replaced by a strictly better one."""
-    if keep < 1 or any(int(e["step"]) == step for e in best):
+    so a kept checkpoint is only ever replaced by a strictly better one; a non-finite loss never ranks."""
+    if keep < 1 or not math.isfinite(loss) or any(int(e["step"]) == step for e in best):
         return None
     same = [e for e in best if int(e["stage"]) == stage]
     if len(same) >= keep and loss >= max(float(e["val_loss"]) for e in same):
