@@ -73,20 +73,22 @@ def planned_validation(cfg: JobConfig) -> tuple[list[str], list[str]]:
         for i, d in enumerate(datasets):
             n = folder_images(d, generated)
             if d.is_val:
-                parts.append(f"{where}[{i}] (is_val, {'streamed' if n is None else n} images)")
+                parts.append(f"{where}[{i}] is_val: {'streamed' if n is None else n} images")
             elif d.validation_split and n:  # n == 0: the folder's own problem is reported already
                 problem = split_problem(n, d.validation_split, f"{where}[{i}]")
                 if problem:
                     problems.append(problem)
                 else:
-                    parts.append(f"{where}[{i}] holds out {held_out_count(n, d.validation_split)} of {n}")
+                    held = held_out_count(n, d.validation_split)
+                    parts.append(f"{where}[{i}] holds out {held} of {n} images")
     if not parts:
         return [], problems
     v = cfg.validation
     when = f"every {v.every} steps and" if v.every else "only"
+    end = "the end of each pipeline step" if steps else "the end"
     weights = "EMA weights" if cfg.train.ema.enabled and v.use_ema else "trained weights"
     lines = [
-        f"  validation: {', '.join(parts)} images; val/loss {when} at the end of each step, "
+        f"  validation: {'; '.join(parts)}; val/loss {when} at {end}, "
         f"{v.timesteps} fixed timesteps per image, {weights}"
     ]
     if cfg.save.keep_best:
