@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from eridiffusion.config.schema import DatasetConfig
 from eridiffusion.data.folder import DatasetError, FolderScan, FolderSource
@@ -133,9 +132,3 @@ def split_datasets(
         out.val_names.append(f"{where}[{i}] held out ({len(held)} of {len(src)} images)")
     return out
 
-
-def count_images(folder: Path, extensions: set[str]) -> int:
-    """Image files directly inside ``folder`` (what the weight-free checks count; 0 if it is missing)."""
-    if not folder.is_dir():
-        return 0
-    return sum(1 for p in folder.iterdir() if p.suffix.lower() in extensions)
