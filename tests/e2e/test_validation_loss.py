@@ -17,6 +17,7 @@ from eridiffusion.data.loader import open_sources
 from eridiffusion.data.validation import split_datasets
 from eridiffusion.models import build_family
 from eridiffusion.training import logs, loop
+from eridiffusion.training.checkpoint import CheckpointManager
 from eridiffusion.training.engine import Engine
 from eridiffusion.training.pipeline import stage_datasets
 from eridiffusion.training.stages import setup_stage, single_stage_plan
@@ -109,6 +110,8 @@ def test_keep_best_survives_rotation_and_resume(tmp_path: Path, monkeypatch: pyt
     state = json.loads((run / "checkpoints" / "step_000008" / "state.json").read_text())
     assert sorted(e["step"] for e in state["best"]) == lowest
     assert (run / "model").is_dir()  # the final export is the run's own, as without keep_best
+    kept, *_ = CheckpointManager.load(run / "checkpoints" / "best" / on_disk[0])  # whole and resumable
+    assert kept.step == lowest[0]
 
     crash = {**whole, "name": "crash"}
 
