@@ -245,6 +245,9 @@ class SaveConfig(Strict):
     )
     every: int = Field(default=250, ge=1, description="save a checkpoint every N steps (and at the end)")
     keep: int = Field(default=3, ge=1, description="how many step checkpoints to keep")
+    keep_best: int = Field(
+        default=0, ge=0, description="also keep the N checkpoints of lowest val/loss (checkpoints/best/)"
+    )
     resume: bool | str = Field(
         default=True, description="true: resume from the latest checkpoint if any; a path: resume from it"
     )
@@ -376,6 +379,10 @@ class DatasetConfig(Strict):
     num_repeats: int = Field(default=1, ge=1)
     weight: float = Field(default=1.0, gt=0, description="multiplies how often this set is drawn per epoch")
     is_reg: bool = Field(default=False, description="regularisation (prior-preservation) images")
+    is_val: bool = Field(default=False, description="validation images: never trained on, only evaluated")
+    validation_split: float = Field(
+        default=0.0, ge=0, lt=1, description="fraction of this folder's images held out for validation"
+    )
     loss_weight: float = Field(default=1.0, gt=0, description="loss multiplier (kohya's prior_loss_weight)")
     trigger_word: str | None = Field(default=None, description="replaces [trigger]; prepended if absent")
     shuffle_tokens: bool = Field(default=False, description="shuffle comma-separated caption tags")
@@ -402,6 +409,18 @@ class DatasetConfig(Strict):
     normalize_masked_area_loss: bool = Field(
         default=False, description="divide a masked image's loss by its mean mask weight (as OneTrainer)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _validation_aliases(cls, data: Any) -> Any:
+        """OneTrainer's ``validation_concept`` and the spelled-out ``is_validation`` mean ``is_val``."""
+        if isinstance(data, dict):
+            for alias in ("is_validation", "validation_concept"):
+                if alias in data:
+                    if "is_val" in data:
+                        raise ValueError(f"{alias} is an alias of is_val; keep one of them")
+                    data = {**{k: v for k, v in data.items() if k != alias}, "is_val": data[alias]}
+        return data
 
     @property
     def resolutions(self) -> list[int]:
@@ -440,6 +459,13 @@ class DatasetConfig(Strict):
             raise ValueError("loss masks (mask_path, alpha_mask) need folder_path; shards carry no masks")
         if self.mask_path is not None and self.alpha_mask:
             raise ValueError("set one of mask_path (mask images) or alpha_mask (the images' alpha channel)")
+        if self.is_val and (self.is_reg or self.validation_split):
+            raise ValueError("is_val: a validation set is neither is_reg nor split again (validation_split)")
+        if self.validation_split and self.shards is not None:
+            raise ValueError(
+                "validation_split needs folder_path: streamed shards cannot be split; hold images out "
+                "with a separate dataset entry with is_val: true"
+            )
         if self.shards is not None and (self.cache_latents_to_disk or self.cache_text_embeddings):
             raise ValueError(
                 "tar shards are streamed and never cached (they are meant for data larger than the disk "
@@ -481,15 +507,56 @@ class GroupConfig(Strict):
         return self
 
 
+VAL_METRIC = "val/loss"
+"""The validation loss's name in logs, and as a ``loss_threshold`` transition's metric."""
+
+
+class ValidationConfig(Strict):
+    """How the held-out images (``datasets[].validation_split``, ``is_val`` sets) are scored: the same
+    images, timesteps and noise at every evaluation, so the curve moves only when the weights do."""
+
+    every: int | None = Field(
+        default=None, ge=1, description="evaluate every N steps; null: only at the end of each step/stage"
+    )
+    timesteps: int = Field(default=8, ge=1, le=1000, description="fixed timesteps per image (quantiles)")
+    seed: int | None = Field(default=None, description="seed of the fixed noise; null: train.seed")
+    batch_size: int | None = Field(default=None, ge=1, description="images per forward; null: train's")
+    use_ema: bool = Field(default=True, description="score the EMA weights when EMA is on")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        """kohya's and SimpleTuner's names for the same settings."""
+        if isinstance(data, dict):
+            names = {
+                "validate_every_n_steps": "every",
+                "eval_steps_interval": "every",
+                "validation_seed": "seed",
+                "eval_timesteps": "timesteps",
+            }
+            renamed = [names.get(k, k) for k in data]
+            dup = sorted({k for k in renamed if renamed.count(k) > 1})
+            if dup:
+                raise ValueError(f"{dup[0]} is given twice (once by an alias); keep one of them")
+            data = {names.get(k, k): v for k, v in data.items()}
+        return data
+
+
 class TransitionConfig(Strict):
     """When a step ends: after its epochs, after its steps, or once a smoothed metric stays below a bound."""
 
     type: Literal["epoch", "steps", "loss_threshold"] = "steps"
-    metric: str = Field(default="loss", description="logged metric watched by loss_threshold")
+    metric: str = Field(
+        default="loss", description="logged metric watched by loss_threshold; val/loss: the validation loss"
+    )
     threshold: float | None = Field(default=None, description="loss_threshold: end once metric < threshold")
     patience: int = Field(default=1, ge=1, description="consecutive logged values below the threshold")
     min_steps: int = Field(default=0, ge=0, description="never end a loss_threshold step before this")
     smoothing: float = Field(default=0.9, ge=0, lt=1, description="EMA smoothing of the watched metric")
+
+    @property
+    def watches_validation(self) -> bool:
+        return self.type == "loss_threshold" and self.metric == VAL_METRIC
 
     @model_validator(mode="after")
     def _threshold_given(self) -> TransitionConfig:
@@ -617,6 +684,7 @@ class JobConfig(Strict):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     datasets: list[DatasetConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -624,6 +692,25 @@ class JobConfig(Strict):
         """Regularisation sets are drawn as often as the training sets, so at least one must exist."""
         if all(d.is_reg for d in self.datasets):
             raise ValueError("every dataset has is_reg: true; at least one must hold the images to learn")
+        if all(d.is_reg or d.is_val for d in self.datasets):
+            raise ValueError("every dataset has is_reg or is_val: true; one must hold images to train on")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_needs_a_set(self) -> JobConfig:
+        """Validation settings without held-out images would silently do nothing."""
+        lists = [self.datasets, *(s.datasets or [] for s in (self.pipeline.steps if self.pipeline else []))]
+        if any(d.is_val or d.validation_split for ds in lists for d in ds):
+            if self.save.keep_best and self.validation.every is None:
+                raise ValueError(
+                    "save.keep_best needs validation.every (without it val/loss is computed only at the end)"
+                )
+            return self
+        how = "set datasets[i].validation_split: 0.1 or add a dataset with is_val: true"
+        if self.save.keep_best:
+            raise ValueError(f"save.keep_best ranks checkpoints by val/loss but no image is held out; {how}")
+        if self.validation != ValidationConfig():  # the defaults, as dump_config writes them, are fine
+            raise ValueError(f"validation: no dataset holds images out for it; {how}")
         return self
 
     @model_validator(mode="after")

@@ -69,6 +69,12 @@ class DDPMObjective:
     ) -> torch.Tensor:
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
 
+    def fixed_timesteps(self, n: int, latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``n`` timesteps at the evenly spaced quantiles (i + 0.5) / n of the (uniform) training density:
+        the same every call, spread over the schedule as training draws them (validation loss)."""
+        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return (q * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1)
+
     def set_timesteps_kwargs(self, steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
         return {}
 
@@ -207,6 +213,20 @@ class FlowMatchObjective:
         self, n: int, generator: torch.Generator, latent_shape: tuple[int, ...] | None = None
     ) -> torch.Tensor:
         sigmas = shift_sigmas(self.sample_u(n, generator), self.effective_shift(latent_shape))
+        return sigmas * self.num_train_timesteps
+
+    def fixed_timesteps(self, n: int, latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``n`` timesteps at the evenly spaced quantiles (i + 0.5) / n of the configured density, shifted as
+        in training: the same every call, so a validation loss compares across steps."""
+        q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        if self.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(torch.special.ndtri(q) * self.logit_std + self.logit_mean)
+        elif self.timestep_sampling == "mode":  # a map of a uniform draw: the map of its quantiles
+            u = 1 - q - self.mode_scale * (torch.cos(math.pi * q / 2) ** 2 - 1 + q)
+            u = u.sort().values
+        else:
+            u = q
+        sigmas = shift_sigmas(u.float(), self.effective_shift(latent_shape))
         return sigmas * self.num_train_timesteps
 
     def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,11 @@ class NoiseObjective(Protocol):
         dependent schedules (Flux's shift) follow the batch size in pixels; objectives may ignore it."""
         ...
 
+    def fixed_timesteps(self, n: int, latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``n`` timesteps spread over the training density (its evenly spaced quantiles), identical on
+        every call: what a validation loss is measured at."""
+        ...
+
     def make_target(
         self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> TrainBatchTarget: ...

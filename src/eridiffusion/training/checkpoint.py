@@ -4,6 +4,10 @@ Layout: ``checkpoints/step_000250/`` holding ``trainable.safetensors`` (fp32 wei
 ``ema.safetensors`` (if EMA is on), ``optimizer.pt`` and ``state.json``. A checkpoint is written into a
 hidden temporary folder, flushed to disk and only then renamed into place, so a crash mid-write never leaves
 a half checkpoint where the resume logic would find it, and never touches the previous one.
+
+``save.keep_best`` checkpoints (lowest ``val/loss``) are written the same way under ``checkpoints/best/``,
+out of reach of the rotation; the list of them travels in every checkpoint's ``state.json`` (``best``), so a
+resumed run keeps it, and ``best/best.json`` lists them for people.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+BEST = "best"
+"""Sub-folder of the keep-best checkpoints (``save.keep_best``)."""
 _DAMAGE = (OSError, ValueError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError, SafetensorError)
 """What a truncated or corrupt checkpoint file raises (safetensors and pickle errors are not OSErrors)."""
 
@@ -108,6 +114,8 @@ class TrainState:
     watch: dict[str, float] = field(default_factory=dict)
     stages_done: dict[str, dict[str, float]] = field(default_factory=dict)
     pipeline: dict[str, Any] = field(default_factory=dict)
+    best: list[dict[str, Any]] = field(default_factory=list)
+    """The keep-best checkpoints: ``{"step", "stage", "val_loss"}`` each (see ``save.keep_best``)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -181,6 +189,10 @@ def read_run_id(path: Path) -> str | None:
         return None
 
 
+def _by_loss(entry: dict[str, Any]) -> tuple[int, float, int]:
+    return int(entry["stage"]), float(entry["val_loss"]), int(entry["step"])
+
+
 class CheckpointManager:
     """Saves, lists, rotates and loads checkpoints in one folder."""
 
@@ -192,16 +204,23 @@ class CheckpointManager:
     def clean_partial(self) -> None:
         """Remove temporary folders a killed run left behind (they are never complete)."""
         recover_partial_writes(self.folder)
+        recover_partial_writes(self.folder / BEST)
 
-    def list(self) -> list[Path]:
-        if not self.folder.is_dir():
+    def list(self, folder: Path | None = None) -> list[Path]:
+        """The step checkpoints in order (of ``folder``, default the rotating ones)."""
+        folder = self.folder if folder is None else folder
+        if not folder.is_dir():
             return []
 
         def is_step(p: Path) -> bool:  # step_<digits> only: a step_000500_backup copy must not crash the sort
             return p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
 
-        found = [p for p in self.folder.iterdir() if is_step(p)]
+        found = [p for p in folder.iterdir() if is_step(p)]
         return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+    def best(self) -> list[Path]:
+        """The keep-best checkpoints on disk, in step order."""
+        return self.list(self.folder / BEST)
 
     def latest(self) -> Path | None:
         found = self.list()
@@ -214,9 +233,12 @@ class CheckpointManager:
         optimizer: StatefulOptimizer | dict[str, Any],
         ema: dict[str, torch.Tensor] | None,
         extra: Callable[[Path], None] | None = None,
+        best: bool = False,
     ) -> Path:
         """Write one checkpoint; ``extra(folder)`` adds files (e.g. a usable LoRA) inside the same rename.
-        ``optimizer`` is an optimizer (or set) or its state dict already gathered."""
+        ``optimizer`` is an optimizer (or set) or its state dict already gathered. ``best``: a keep-best
+        checkpoint (``state.best`` already lists it), written under ``best/``; the ones it displaced are
+        removed only after it is in place."""
         opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
 
         def write(tmp: Path) -> None:
@@ -232,11 +254,27 @@ class CheckpointManager:
                 extra(tmp)
 
         needed = 2 * tensor_bytes(trainable) + tensor_bytes(ema) + tensor_bytes(opt_state)
-        path = guarded_write(self.folder / f"{PREFIX}{state.step:06d}", write, needed + 2**16)
+        folder = self.folder / BEST if best else self.folder
+        path = guarded_write(folder / f"{PREFIX}{state.step:06d}", write, needed + 2**16)
+        if best:
+            self._prune_best(state)
+            return path
         own = [p for p in self.list() if read_run_id(p) == self.run_id]
         for old in own[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def _prune_best(self, state: TrainState) -> None:
+        """Remove this run's keep-best checkpoints ``state.best`` no longer lists (displaced by a better one,
+        or left by a run killed before its list was saved), then rewrite ``best.json`` atomically."""
+        listed = {int(e["step"]) for e in state.best}
+        for p in self.best():
+            if int(p.name[len(PREFIX) :]) not in listed and read_run_id(p) == self.run_id:
+                shutil.rmtree(p, ignore_errors=True)
+        rows = [{**e, "path": f"{PREFIX}{int(e['step']):06d}"} for e in sorted(state.best, key=_by_loss)]
+        tmp = self.folder / BEST / f".best.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        os.replace(tmp, self.folder / BEST / "best.json")
 
     @staticmethod
     def load(

@@ -46,6 +46,19 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log({f"{group}/{k}": v for k, v in values.items()}, step=step)
 
+    def log_validation(self, step: int, loss: float, group: str = "train") -> None:
+        """``val/loss``: its own key in ``metrics.jsonl`` (never confused with the training ``loss``) and
+        the tag ``val/loss`` (``STEP/val/loss`` for a pipeline step) in TensorBoard and W&B."""
+        tag = "val/loss" if group == "train" else f"{group}/val/loss"
+        if self.jsonl is not None:
+            stage = {"stage": group} if group != "train" else {}
+            self.jsonl.write(json.dumps({"step": step, **stage, "val/loss": loss}) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            self.tb.add_scalar(tag, loss, step)
+        if self.wandb is not None:
+            self.wandb.log({tag: loss}, step=step)
+
     def image(self, step: int, path: Path, group: str = "train") -> None:
         """A sample grid written to ``path``: TensorBoard and W&B get it too."""
         if self.tb is not None:

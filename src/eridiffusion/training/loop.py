@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eridiffusion.config.load import dump_config
-from eridiffusion.config.schema import JobConfig
+from eridiffusion.config.schema import VAL_METRIC, JobConfig
 from eridiffusion.data.loader import ImageSource, open_sources
 from eridiffusion.data.vocabulary import job_captions, warn_caption_truncation
 from eridiffusion.inference.samplers import check_sampler
@@ -62,6 +62,7 @@ from eridiffusion.training.stages import (
 )
 from eridiffusion.training.step import NonFiniteLossError, diffusion_loss, step_generator
 from eridiffusion.training.stop import StopRequest, TrainingStopped
+from eridiffusion.training.validation import rank_best
 
 __all__ = [
     "NonFiniteLossError",
@@ -268,7 +269,14 @@ def run_stage(run: Run, family: ModelFamily, live: LiveStage, state: TrainState)
             state.stage_step += 1
             state.step += 1
             state.last_loss = metrics.get("loss", state.last_loss)
+            every = cfg.validation.every
+            due = every is not None and state.step % every == 0
+            validated = due and _validate(run, family, live, metrics)
             done = transition_done(plan, state, metrics, live.data)
+            if done and not validated:  # the end of every stage is scored too
+                _validate(run, family, live, metrics)
+            if VAL_METRIC in metrics:
+                _record_validation(run, family, live, state, metrics[VAL_METRIC], group)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=False)
             if state.stage_step % cfg.logging.log_every == 0 or done:
@@ -276,7 +284,8 @@ def run_stage(run: Run, family: ModelFamily, live: LiveStage, state: TrainState)
                 extra = {"steps_per_s": rate, "epoch": state.epoch}
                 if not plan.single:
                     extra["stage_step"] = state.stage_step
-                run.log.log(state.step, {**metrics, **extra}, group=group)
+                trained = {k: v for k, v in metrics.items() if k != VAL_METRIC}  # val/loss: its own row
+                run.log.log(state.step, {**trained, **extra}, group=group)
             if cfg.sample.every and state.step % cfg.sample.every == 0 and not done:
                 _samples(run, family, live, state, group)
             saved = (state.step % cfg.save.every == 0 and not done) or (done and plan.single)
@@ -295,6 +304,33 @@ def run_stage(run: Run, family: ModelFamily, live: LiveStage, state: TrainState)
         live.close()
         bar.close()
     return metrics
+
+
+def _validate(run: Run, family: ModelFamily, live: LiveStage, metrics: dict[str, float]) -> bool:
+    """Score the validation set into ``metrics[val/loss]`` (every process: FSDP needs them all); False when
+    the stage has none. The EMA's weights when EMA is on and ``validation.use_ema``."""
+    if live.validator is None:
+        return False
+    ema = live.ema if run.cfg.validation.use_ema else None
+    with ema_weights(ema, live.ema_params()), live.eval_weights(), live.offload.restored():
+        loss = live.validator.evaluate(family, run.engine)
+    # the main process's value everywhere: keep-best and transition decisions must agree across processes
+    metrics[VAL_METRIC] = run.engine.broadcast(loss)
+    return True
+
+
+def _record_validation(
+    run: Run, family: ModelFamily, live: LiveStage, state: TrainState, loss: float, group: str
+) -> None:
+    """Log and print ``val/loss``; a checkpoint among the ``save.keep_best`` lowest is kept under best/."""
+    run.log.log_validation(state.step, loss, group)
+    if run.engine.is_main:
+        images = live.validator.images if live.validator else 0
+        logger.info("step %d: val/loss %.6g (%d images)", state.step, loss, images)
+    ranked = rank_best(state.best, state.step, state.stage, loss, run.cfg.save.keep_best)
+    if ranked is not None:
+        state.best = ranked
+        save_checkpoint(run, family, live, state, best=True)
 
 
 def _samples(run: Run, family: ModelFamily, live: LiveStage, state: TrainState, group: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from eridiffusion.config.schema import DatasetConfig, JobConfig, StageConfig
 from eridiffusion.data.cache import encoder_names
 from eridiffusion.data.folder import IMAGE_EXTENSIONS, beside_masks
+from eridiffusion.data.validation import held_out_count
 from eridiffusion.models import ModelFamily
 from eridiffusion.networks.adapters import lora_parameter_count
 from eridiffusion.training.autoencoder import PatchDiscriminator
@@ -58,19 +59,19 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def pipeline_snapshot(cfg: JobConfig) -> dict[str, Any]:
-    """What a resumed pipeline must agree with: the steps (after defaults), model and datasets."""
+    """What a resumed pipeline must agree with: the steps (after defaults), model and datasets, and the
+    validation settings when a step ends on val/loss (they decide when it ends)."""
     assert cfg.pipeline is not None
-    return json.loads(
-        json.dumps(
-            {
-                "steps": [s.model_dump(mode="json") for s in cfg.pipeline.steps],
-                "model": cfg.model.model_dump(mode="json"),
-                "datasets": [d.model_dump(mode="json") for d in cfg.datasets],
-                "seed": cfg.train.seed,
-                "ema": cfg.train.ema.model_dump(mode="json"),
-            }
-        )
-    )
+    snapshot = {
+        "steps": [s.model_dump(mode="json") for s in cfg.pipeline.steps],
+        "model": cfg.model.model_dump(mode="json"),
+        "datasets": [d.model_dump(mode="json") for d in cfg.datasets],
+        "seed": cfg.train.seed,
+        "ema": cfg.train.ema.model_dump(mode="json"),
+    }
+    if any(s.transition.watches_validation for s in cfg.pipeline.steps):
+        snapshot["validation"] = cfg.validation.model_dump(mode="json")
+    return json.loads(json.dumps(snapshot))
 
 
 def changed_paths(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -95,26 +96,34 @@ def estimate_images(
 ) -> tuple[int, list[str]]:
     """Images per epoch (with repeats) without reading or generating anything; (count, problems)."""
     images, problems = 0, []
-    generated = generated or {}
     for i, d in enumerate(datasets):
-        if d.folder_path is None:  # tar shards: counted when they are indexed at train time
+        found = folder_images(d, generated)
+        if found is None:  # tar shards: counted when they are indexed at train time
             continue
         if d.mask_path is not None and not Path(d.mask_path).is_dir():
             problems.append(f"{where}[{i}].mask_path: '{d.mask_path}' is not a folder of mask images")
-        folder = Path(d.folder_path)
-        if folder.is_dir():
-            files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-            found = len(files) - len(set(beside_masks(files).values()))  # loss masks are not images
-            if not found and d.synthetic is None:
-                problems.append(f"{where}[{i}].folder_path: no images in '{folder}'")
-            images += found * d.num_repeats
-        elif d.synthetic is not None:
-            images += d.synthetic.n * d.num_repeats
-        elif str(folder) in generated:
-            images += generated[str(folder)] * d.num_repeats
-        else:
+        folder = Path(str(d.folder_path))
+        if found == 0 and not folder.is_dir() and d.synthetic is None:
             problems.append(f"{where}[{i}].folder_path: '{folder}' does not exist")
+        elif found == 0 and d.synthetic is None:
+            problems.append(f"{where}[{i}].folder_path: no images in '{folder}'")
+        if not d.is_val:  # validation images are never trained on
+            images += (found - held_out_count(found, d.validation_split)) * d.num_repeats
     return images, problems
+
+
+def folder_images(d: DatasetConfig, generated: dict[str, int] | None = None) -> int | None:
+    """Images a folder dataset holds (or will hold, once generated), from file names alone; None for
+    shards and 0 for a missing folder."""
+    if d.folder_path is None:
+        return None
+    folder = Path(d.folder_path)
+    if folder.is_dir():
+        files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        return len(files) - len(set(beside_masks(files).values()))  # loss masks are not images
+    if d.synthetic is not None:
+        return d.synthetic.n
+    return (generated or {}).get(str(folder), 0)
 
 
 def stage_parameter_counts(family: ModelFamily, stage: StageConfig) -> dict[str, int]:

@@ -19,6 +19,7 @@ from eridiffusion.training.block_swap import config_problem
 from eridiffusion.training.losses import min_snr_problem
 from eridiffusion.training.optim import optimizer_problems
 from eridiffusion.training.pipeline import estimate_images
+from eridiffusion.training.validation import planned_validation
 
 
 def planned_arch(cfg: JobConfig) -> tuple[str | None, list[str]]:
@@ -112,6 +113,7 @@ def preflight_problems(cfg: JobConfig) -> tuple[int, list[str]]:
     swap = config_problem(cfg, cfg.train.blocks_to_swap)
     if swap:
         problems.append(swap)
+    problems += planned_validation(cfg)[1]
     arch, arch_problems = planned_arch(cfg)
     problems += arch_problems
     if arch is not None and arch in FAMILIES:

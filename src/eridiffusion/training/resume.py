@@ -35,7 +35,9 @@ def adapter_name(cfg: JobConfig) -> str:
 
 def config_fingerprint(cfg: JobConfig) -> str:
     """Hash of the settings that change the weights a run produces (not steps, saving, sampling, logging)."""
-    data = cfg.model_dump(mode="json", exclude={"save", "sample", "logging", "eval", "output_dir", "name"})
+    # validation only reads the weights (it leaves every random stream as it was)
+    skip = {"save", "sample", "logging", "eval", "validation", "output_dir", "name"}
+    data = cfg.model_dump(mode="json", exclude=skip)
     for key in ("steps", "num_workers", "distributed"):  # same batches for any worker/process layout
         data["train"].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -101,9 +103,12 @@ def export_info(run: Run, family: ModelFamily, live: LiveStage, state: TrainStat
     return {**meta, **ours}
 
 
-def save_checkpoint(run: Run, family: ModelFamily, live: LiveStage, state: TrainState) -> None:
+def save_checkpoint(
+    run: Run, family: ModelFamily, live: LiveStage, state: TrainState, best: bool = False
+) -> None:
     """The one place a resumable checkpoint is written (main process): weights being trained, optimizers,
-    EMA and counters, plus the usable adapter file of a single-stage LoRA run."""
+    EMA and counters, plus the usable adapter file of a single-stage LoRA run. ``best``: a keep-best
+    checkpoint (``save.keep_best``), kept apart from the rotating ones."""
     cfg, engine = run.cfg, run.engine
     weights = {k: engine.full_tensor(p).detach().float() for k, p in live.params().items()}
     optimizers = engine.optimizer_state(live.optimizers())
@@ -119,7 +124,7 @@ def save_checkpoint(run: Run, family: ModelFamily, live: LiveStage, state: Train
                     )
 
         ema = live.ema.state_dict() if live.ema is not None else None
-        run.ckpts.save(state, weights, optimizers, ema, extra=extra)
+        run.ckpts.save(state, weights, optimizers, ema, extra=extra, best=best)
     engine.barrier()
 
 

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from eridiffusion.config.schema import GroupConfig, JobConfig, OptimizerConfig, StageConfig
+from eridiffusion.config.schema import VAL_METRIC, GroupConfig, JobConfig, OptimizerConfig, StageConfig
 from eridiffusion.data.cache import EncoderOffload, encoder_names, prepare_caches
-from eridiffusion.data.loader import Batch, ImageSource, TrainingData
+from eridiffusion.data.loader import Batch, ImageSource, TrainingData, open_sources
+from eridiffusion.data.validation import split_datasets
 from eridiffusion.inference.evaluate import EvalSettings, evaluate_into, prompts_path, read_prompts
 from eridiffusion.models import ModelFamily
 from eridiffusion.models.quantize import quantize_module, weight_bytes
@@ -43,6 +44,7 @@ from eridiffusion.training.engine import Engine
 from eridiffusion.training.optim import build_optimizer, eval_mode
 from eridiffusion.training.pipeline import StagePlan, stage_datasets
 from eridiffusion.training.step import ParamGroup, diffusion_loss, optimizer_step, step_generator
+from eridiffusion.training.validation import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ class LiveStage:
     """Micro-batches from the stage's current position (opened by :meth:`open_batches`)."""
     block_swap: BlockSwap | None = None
     """``train.blocks_to_swap``'s hooks on the denoiser, removed by :meth:`end` once the stage is done."""
+    validator: Validator | None = None
+    """The stage's held-out images and how they are scored; None without any."""
 
     def open_batches(self, start: int, num_workers: int, pin_memory: bool, per_step: int) -> None:
         """Micro-batches ``start`` onwards, up to the stage's last possible one (workers build them ahead)."""
@@ -288,12 +292,16 @@ def setup_stage(
     _check_fsdp(engine, cfg, stage)
     per_comp, disc = _unfreeze(cfg, family, plan, engine)  # on the host: casts, quantisation, adapters
     seed = cfg.train.seed + 1000 * plan.index
+    datasets = stage_datasets(cfg, stage)
+    where = f"pipeline.steps[{plan.index}].datasets" if stage.datasets else "datasets"
+    # held-out images never reach the training data; the split depends on the run seed, not the stage's
+    split = split_datasets(datasets, sources or open_sources(datasets), cfg.train.seed, where)
     data = TrainingData(
-        stage_datasets(cfg, stage),
+        split.train,
         plan.batch_size * engine.world,
         seed,
         family.size_multiple(),
-        sources,
+        split.train_sources,
     )
     if data.skipped and engine.is_main:
         logger.warning("%d unreadable image(s) skipped; training on %d", data.skipped, len(data))
@@ -317,6 +325,7 @@ def setup_stage(
             for c, params in per_comp.items()
         ]
     live = LiveStage(plan, groups, data, disc, None, offload, out_dir, block_swap=swap)
+    live.validator = Validator.build(cfg, stage, split, family.size_multiple())
     ema_cfg = stage.ema or cfg.train.ema
     if ema_cfg.enabled:
         live.ema = EMA(live.ema_params(), ema_cfg.decay, ema_cfg.warmup)
@@ -407,6 +416,8 @@ def transition_done(
         return state.stage_micro_batches >= stage.n_epochs * data.batches_per_epoch
     if rule.type == "loss_threshold":
         if rule.metric not in metrics:
+            if rule.metric == VAL_METRIC:  # watched only at the steps validation runs
+                return False
             raise ValueError(
                 f"pipeline step {stage.name}: transition.metric {rule.metric!r} is not logged "
                 f"by a {stage.kind} step; choose one of {sorted(metrics)}"
