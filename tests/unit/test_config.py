@@ -67,7 +67,7 @@ def test_minimal_config_fills_defaults() -> None:
         (
             minimal(train={"learning_rate": 1e-4}),
             "train.learning_rate",
-            "batch_size, device, distributed, ema,",
+            "batch_size, blocks_to_swap, device, distributed, ema,",
         ),
         (
             minimal(train={"optimizer": {"typ": "sgd"}}),
@@ -78,10 +78,11 @@ def test_minimal_config_fills_defaults() -> None:
         (
             minimal(datasets=[{"folder_path": "a", "resolutoin": 64}]),
             "datasets[0].resolutoin",
-            "bucket_no_upscale, bucket_step, cache_dir, cache_latents_to_disk, cache_text_embeddings, "
-            "caption_dropout_rate, caption_ext, crop, enable_buckets, flip_x, folder_path, is_reg, "
-            "is_val, keep_tokens, loss_weight, num_repeats, resolution, shards, shuffle_tokens, synthetic, "
-            "trigger_word, validation_split, weight",
+            "alpha_mask, bucket_no_upscale, bucket_step, cache_dir, cache_latents_to_disk, "
+            "cache_text_embeddings, caption_dropout_rate, caption_ext, crop, enable_buckets, flip_x, folder_path, "
+            "is_reg, is_val, keep_tokens, loss_weight, mask_path, normalize_masked_area_loss, num_repeats, "
+            "resolution, shards, shuffle_tokens, synthetic, trigger_word, unmasked_weight, validation_split, "
+            "weight",
         ),
         (
             minimal(datasets=[{"folder_path": "a"}, {"folder_path": "b", "synthetic": {"knd": "shapes"}}]),
