@@ -80,9 +80,9 @@ def test_minimal_config_fills_defaults() -> None:
             "datasets[0].resolutoin",
             "alpha_mask, bucket_no_upscale, bucket_step, cache_dir, cache_latents_to_disk, "
             "cache_text_embeddings, caption_dropout_rate, caption_ext, crop, enable_buckets, flip_x, "
-            "folder_path, is_reg, is_val, keep_tokens, loss_weight, mask_path, normalize_masked_area_loss, "
-            "num_repeats, resolution, shards, shuffle_tokens, synthetic, trigger_word, unmasked_weight, validation_split, "
-            "weight",
+            "folder_path, is_reg, is_val, keep_tokens, loss_weight, mask_path, "
+            "normalize_masked_area_loss, num_repeats, resolution, shards, shuffle_tokens, synthetic, "
+            "trigger_word, unmasked_weight, validation_split, weight",
         ),
         (
             minimal(datasets=[{"folder_path": "a"}, {"folder_path": "b", "synthetic": {"knd": "shapes"}}]),
