@@ -181,6 +181,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         seed=args.seed,
         colours=args.colours.split(",") if args.colours else None,
         held_out=args.held_out,
+        captions=args.captions,
     )
     print(
         f"{n} images with captions in {args.out_dir} "
@@ -378,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shapes.add_argument(
         "--held-out", action="append", default=None, help="'colour shape' never drawn; repeat for several"
+    )
+    shapes.add_argument(
+        "--captions",
+        choices=["full", "varied"],
+        default="full",
+        help="varied: size and position words each in half the captions (default: always)",
     )
     shapes.set_defaults(func=cmd_data)
 

@@ -263,6 +263,11 @@ def test_data_shapes_cli_writes_a_concept_set(tmp_path: Path, capsys: pytest.Cap
     assert "a black triangle" in (out / "held_out_prompts.txt").read_text().splitlines()
     assert main(["data", "shapes", str(tmp_path / "bad"), "--colours", "mauve"]) == EXIT_USER_ERROR
     assert "unknown ['mauve']" in capsys.readouterr().err
+    short = tmp_path / "short"
+    args = ["data", "shapes", str(short), "--n", "40", "--resolution", "16", "--captions", "varied"]
+    assert main(args) == 0
+    lengths = {len(p.read_text().split()) for p in short.glob("[0-9]*.txt")}
+    assert 3 in lengths and 7 in lengths  # 'a red circle' beside 'a large red circle on the left'
 
 
 def test_trained_lora_files_carry_kohya_and_modelspec_metadata(tmp_path: Path) -> None:

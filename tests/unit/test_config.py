@@ -87,7 +87,7 @@ def test_minimal_config_fills_defaults() -> None:
         (
             minimal(datasets=[{"folder_path": "a"}, {"folder_path": "b", "synthetic": {"knd": "shapes"}}]),
             "datasets[1].synthetic.knd",
-            "colours, held_out, kind, n, resolution, seed",
+            "captions, colours, held_out, kind, n, resolution, seed",
         ),
     ],
     ids=["top", "train", "optimizer", "ema", "dataset", "synthetic"],

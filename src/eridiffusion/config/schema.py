@@ -359,6 +359,9 @@ class SyntheticConfig(Strict):
     held_out: list[str] | None = Field(
         default=None, description="'colour shape' pairs never drawn; null: the default held-out pairs"
     )
+    captions: Literal["full", "varied"] = Field(
+        default="full", description="varied: size and position words each in half the captions"
+    )
 
 
 class DatasetConfig(Strict):

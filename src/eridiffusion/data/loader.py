@@ -234,7 +234,13 @@ def open_sources(configs: Sequence[DatasetConfig]) -> list[ImageSource]:
             logger.info("generating synthetic %s dataset in %s", syn.kind, folder)
             try:
                 write_shapes_dataset(
-                    folder, syn.n, syn.resolution, syn.seed, colours=syn.colours, held_out=syn.held_out
+                    folder,
+                    syn.n,
+                    syn.resolution,
+                    syn.seed,
+                    colours=syn.colours,
+                    held_out=syn.held_out,
+                    captions=syn.captions,
                 )
             except ValueError as exc:
                 raise DatasetError(f"datasets[{i}].synthetic.{exc}") from None
