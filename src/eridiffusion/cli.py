@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("diffusers", "transformers", "urllib3", "PIL", "bitsandbytes"):
+    # third-party import-time chatter (torchao probing for CUDA kernels on a CPU build, torch pytree notices)
+    for noisy in ("diffusers", "transformers", "urllib3", "PIL", "bitsandbytes", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from eridiffusion.data.folder import DatasetError
     from eridiffusion.training.checkpoint import CheckpointError, DiskFullError
