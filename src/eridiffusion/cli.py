@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     # third-party import-time chatter (torchao probing for CUDA kernels on a CPU build, torch pytree notices)
-    for noisy in ("diffusers", "transformers", "urllib3", "PIL", "bitsandbytes", "torchao", "torch.utils._pytree"):
+    noisy_loggers = ("diffusers", "transformers", "urllib3", "PIL", "bitsandbytes", "torchao", "torch.utils._pytree")
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from eridiffusion.data.folder import DatasetError
     from eridiffusion.training.checkpoint import CheckpointError, DiskFullError
