@@ -453,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     # third-party import-time chatter (torchao probing for CUDA kernels on a CPU build, torch pytree notices)
-    noisy_loggers = ("diffusers", "transformers", "urllib3", "PIL", "bitsandbytes", "torchao", "torch.utils._pytree")
-    for noisy in noisy_loggers:
+    noisy_loggers = ("diffusers", "transformers", "urllib3", "PIL", "bitsandbytes", "torchao")
+    for noisy in (*noisy_loggers, "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from eridiffusion.data.folder import DatasetError
     from eridiffusion.training.checkpoint import CheckpointError, DiskFullError
