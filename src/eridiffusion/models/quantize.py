@@ -28,11 +28,13 @@ BLOCK_MARKERS = ("blocks", "mid_block", "layers", "block.")
 
 
 def quantisable_linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """(name, layer) of the plain Linear layers inside repeated blocks."""
+    """(name, layer) of the plain Linear layers inside repeated blocks (not those quantised already)."""
     return [
         (name, m)
         for name, m in module.named_modules()
-        if type(m) is nn.Linear and any(marker in name for marker in BLOCK_MARKERS)
+        if type(m) is nn.Linear
+        and type(m.weight) in (nn.Parameter, torch.Tensor)
+        and any(marker in name for marker in BLOCK_MARKERS)
     ]
 
 

@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from eridiffusion.models.lazy_weights import LazyTensor, SafetensorsReader, materialize
+from eridiffusion.models.meta import is_weightless
 from eridiffusion.models.quantize import check_kind, quantisable_linears, quantize_layer, quantize_module
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def quantising_loads(denoiser: str, text_encoders: str, dtype: torch.dtype) -> I
     kinds = {r: k for r, k in (("denoiser", denoiser), ("text_encoders", text_encoders)) if k != "none"}
     for kind in kinds.values():
         check_kind(kind)
+    if is_weightless():  # planning on the meta device: nothing is read, the estimate models quantisation
+        kinds = {}
     token = _PLAN.set(_Plan(dtype, kinds) if kinds else None)
     try:
         yield
