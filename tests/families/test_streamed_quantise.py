@@ -17,11 +17,11 @@ from torch import nn
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models import build_family, load_family
 from eridiffusion.models.flux import FluxFamily
-from eridiffusion.models.lazy_weights import LazyTensor
+from eridiffusion.models.lazy_weights import LazyTensor, materialize
 from eridiffusion.models.protocol import ModelFamily
 from eridiffusion.models.quantize import quantised_layers, quantize_module
 from eridiffusion.models.stable_diffusion import load_preset
-from eridiffusion.models.streamed_loading import load_pretrained, quantising_loads
+from eridiffusion.models.streamed_loading import load_pretrained, quantising_loads, read_single_file
 from eridiffusion.training.memory_trace import LiveMemory
 
 
@@ -172,3 +172,19 @@ def test_missing_weights_name_the_folder(flux_folder: tuple[Path, int], tmp_path
     match = rf"{broken}: the weights have no proj_out.weight"
     with quantising_loads("int8", "none", torch.bfloat16), pytest.raises(ValueError, match=match):
         load_pretrained(FluxTransformer2DModel, broken, "transformer", torch.bfloat16, None)
+
+
+def test_unreadable_files_are_named(tmp_path: Path) -> None:
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(good))
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with quantising_loads("int8", "none", torch.bfloat16):
+        state = read_single_file(truncated)
+        with pytest.raises(ValueError, match=rf"'{truncated}' is truncated: w ends past the end"):
+            materialize(state["w"])
+        with pytest.raises(ValueError, match=rf"'{garbage}' is not a readable .safetensors file"):
+            read_single_file(garbage)
+        assert torch.equal(materialize(read_single_file(good)["w"]), torch.ones(64, 64))

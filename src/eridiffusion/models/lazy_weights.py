@@ -11,12 +11,12 @@ load with about one layer held in full precision at a time (:mod:`.streamed_load
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 _DTYPES = {
@@ -88,36 +88,71 @@ def materialize(t: torch.Tensor) -> torch.Tensor:
 
 
 class SafetensorsReader:
-    """Open ``.safetensors`` files read one tensor at a time; the last tensor read is kept, so the parts of a
-    fused tensor (q/k/v) converted one by one read it once."""
+    """``.safetensors`` files read one tensor at a time into memory of its own.
+
+    The header (8-byte length, then JSON: dtype, shape and byte range of each tensor) is parsed here and
+    each tensor is read with plain file reads: ``safe_open`` maps the whole file, and every page a
+    conversion or a quantiser touches then stays in the process's resident memory for as long as any tensor
+    of the file lives, which is the full file size by the end. The last tensor read is kept, so the parts of
+    a fused tensor (q/k/v) converted one by one read it once.
+    """
 
     def __init__(self, files: list[Path]) -> None:
-        self._where: dict[str, Any] = {}
+        self._where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         self._last: tuple[str, torch.Tensor] | None = None
         for path in files:
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types for corrupt headers
-                raise ValueError(f"'{path}' is not a readable .safetensors file: {exc}") from None
-            self._where.update(dict.fromkeys(handle.keys(), handle))
+            header, start = _read_header(path)
+            for key, entry in header.items():
+                self._where[key] = (path, start, entry)
 
     def forget(self) -> None:
-        """Drop the kept tensor (the files stay open while lazy tensors refer to them)."""
+        """Drop the kept tensor."""
         self._last = None
 
     def read(self, key: str) -> torch.Tensor:
         if self._last is None or self._last[0] != key:
-            self._last = (key, self._where[key].get_tensor(key))
+            self._last = (key, self._read(key))
         return self._last[1]
+
+    def _read(self, key: str) -> torch.Tensor:
+        path, start, entry = self._where[key]
+        begin, end = entry["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        with path.open("rb") as f:
+            f.seek(start + begin)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"'{path}' is truncated: {key} ends past the end of the file")
+                done += n
+        return buffer.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def lazy_state(self) -> dict[str, torch.Tensor]:
         """Every tensor of the files as a :class:`LazyTensor`."""
         state: dict[str, torch.Tensor] = {}
-        for key, handle in self._where.items():
-            view = handle.get_slice(key)
-            meta = torch.empty(view.get_shape(), dtype=_DTYPES[view.get_dtype()], device="meta")
+        for key, (_, _, entry) in self._where.items():
+            meta = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], device="meta")
             state[key] = LazyTensor(meta, functools.partial(self.read, key))
         return state
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+
+def _read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """(tensor entries, offset of the data) of a ``.safetensors`` file; a clear error when it is not one."""
+    try:
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 2 <= length <= min(path.stat().st_size - 8, 100 * 2**20):
+                raise ValueError(f"header length {length} does not fit the file")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        for key, entry in header.items():
+            if entry["dtype"] not in _DTYPES:
+                raise ValueError(f"{key} has dtype {entry['dtype']}, which is not supported here")
+            begin, end = entry["data_offsets"]
+            if not 0 <= begin <= end:
+                raise ValueError(f"{key} has a bad byte range")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"'{path}' is not a readable .safetensors file: {exc}") from None
+    return header, 8 + length

@@ -56,6 +56,7 @@ def _nf4(layer: nn.Linear) -> nn.Module:
         bias=layer.bias is not None,
         quant_type="nf4",
         compute_dtype=dtype,
+        device="meta",  # its own initial weights would be an fp32 copy of the layer, replaced at once
     )
     q.weight = bnb.nn.Params4bit(layer.weight.data.to(dtype), requires_grad=False, quant_type="nf4")
     if layer.bias is not None:

@@ -20,8 +20,10 @@ the duration of one :func:`eridiffusion.models.load_family` by :func:`quantising
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +106,23 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], component: 
         logger.info("%s: quantised to %s while loading (%d layers)", component, kind, n)
 
 
+TRIM_EVERY = 8 * 2**20
+"""Give freed heap memory back to the system after this many bytes of full-precision weights are quantised."""
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere). glibc keeps freed blocks of up to 32 MB in its heap (its
+    mmap threshold grows to the largest block freed), and the bf16 weights freed as each layer is quantised
+    end up interleaved with the quantised ones, so without a trim the process's resident size grows to the
+    full-precision size after all (measured: +993 MB for a 540 MB bf16 / 277 MB int8 model, +348 MB
+    trimming every 8 MB; bench/quantised_loading.py)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
 def _owned(t: torch.Tensor) -> torch.Tensor:
     """``t`` in memory of its own (a part of a fused tensor would keep the whole fused tensor alive)."""
     if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
@@ -127,7 +146,8 @@ def stream_into(
         pending = {
             n: {p for p, v in m._parameters.items() if v is not None} for n, m in quantisable_linears(model)
         }
-    quantised = 0
+    quantised = freed = 0
+    trim = _malloc_trim()
     for names in groups.values():
         key = next((n for n in names if n in state), None)
         if key is None:
@@ -155,9 +175,14 @@ def stream_into(
                 pending[owner].discard(attr)
                 if not pending[owner]:
                     del pending[owner]
-                    quantize_layer(model, owner, model.get_submodule(owner), kind)  # type: ignore[arg-type]
+                    layer = model.get_submodule(owner)
+                    freed += sum(p.numel() * p.element_size() for p in layer.parameters())
+                    quantize_layer(model, owner, layer, kind)  # type: ignore[arg-type]
                     quantised += 1
         del value, tensor
+        if trim is not None and freed >= TRIM_EVERY:
+            trim(0)
+            freed = 0
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise ValueError(f"{source}: {len(left)} weights were not loaded, e.g. {left[:3]}")
