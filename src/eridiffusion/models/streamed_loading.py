@@ -103,7 +103,7 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], component: 
     kind = _kind(component)
     n = stream_into(model, state, plan.dtype, kind, component)
     if kind is not None:
-        logger.info("%s: quantised to %s while loading (%d layers)", component, kind, n)
+        logger.info("%s: %d layers quantised to %s while loading", component, n, kind)
 
 
 TRIM_EVERY = 8 * 2**20
@@ -256,5 +256,5 @@ def load_pretrained(
         )
     n = stream_into(model, state, dtype, kind, str(folder))
     reader.forget()
-    logger.info("%s: quantised to %s while loading (%d layers)", component, kind, n)
+    logger.info("%s: %d layers quantised to %s while loading", component, n, kind)
     return model

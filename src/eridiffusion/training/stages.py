@@ -168,7 +168,6 @@ def _quantize_base(cfg: JobConfig, family: ModelFamily, trained: set[str]) -> No
         if kind == "none" or name in trained or name not in modules:
             continue
         if quantised_layers(modules[name]):  # the loader quantised it while reading (models.streamed_loading)
-            logger.info("%s: quantised to %s while loading", name, kind)
             continue
         before = weight_bytes([modules[name]])
         n = quantize_module(modules[name], kind)
