@@ -115,7 +115,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim`` (None elsewhere). glibc keeps freed blocks of up to 32 MB in its heap (its
     mmap threshold grows to the largest block freed), and the bf16 weights freed as each layer is quantised
     end up interleaved with the quantised ones, so without a trim the process's resident size grows to the
-    full-precision size after all (measured: +993 MB for a 540 MB bf16 / 277 MB int8 model, +348 MB
+    full-precision size after all (measured: +993 MB for a 540 MB bf16 / 277 MB int8 model, +363 MB
     trimming every 8 MB; bench/quantised_loading.py)."""
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
@@ -126,17 +126,18 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def _owned(t: torch.Tensor) -> torch.Tensor:
     """``t`` in memory of its own (a part of a fused tensor would keep the whole fused tensor alive)."""
     if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
-        return t.contiguous().clone()
+        return t.clone(memory_format=torch.contiguous_format)
     return t
 
 
 def stream_into(
     model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, kind: str | None, source: str
 ) -> int:
-    """Assign ``state`` (lazy or not) into ``model`` (parameters on the meta device) one tensor at a time,
-    floating-point ones cast to ``dtype``; with ``kind``, quantise each block Linear as soon as it is
-    complete. Tied parameters (T5's shared embedding) are read once and stay tied. Returns the number of
-    layers quantised."""
+    """Assign ``state`` (lazy or not) into ``model`` (parameters on the meta device) one tensor at a time.
+    With ``kind``, floating-point tensors are cast to ``dtype`` (as training casts a frozen component before
+    quantising it) and each block Linear is quantised as soon as it is complete; without, tensors keep the
+    file's dtype and the family's own cast applies after (T5's fp32 ``wo`` under fp16). Tied parameters
+    (T5's shared embedding) are read once and stay tied. Returns the number of layers quantised."""
     slots = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
     for name, t in slots.items():
@@ -156,7 +157,7 @@ def stream_into(
             )
         meta = slots[key]
         value = materialize(state[key])
-        if value.is_floating_point() and value.dtype != dtype:
+        if kind is not None and value.is_floating_point() and value.dtype != dtype:
             value = value.to(dtype)
         value = _owned(value)
         tensor: torch.Tensor = (
