@@ -195,3 +195,17 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=rf"'{garbage}' is not a readable .safetensors file"):
             read_single_file(garbage)
         assert torch.equal(materialize(read_single_file(good)["w"]), torch.ones(64, 64))
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_sharded_and_variant_folders_stream(
+    variant: str | None, flux_folder: tuple[Path, int], tmp_path: Path
+) -> None:
+    """Shards listed by the folder's index file (``*.safetensors.index[.fp16].json``), ``fp16`` variants."""
+    whole = FluxTransformer2DModel.from_pretrained(flux_folder[0], torch_dtype=torch.bfloat16)
+    whole.save_pretrained(tmp_path, max_shard_size="2MB", variant=variant)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 3 and list(tmp_path.glob("*.index*.json"))
+    with quantising_loads("int8", "none", torch.bfloat16):
+        streamed = load_pretrained(FluxTransformer2DModel, tmp_path, "transformer", torch.bfloat16, variant)
+    quantize_module(whole, "int8")
+    _assert_same(whole, streamed, "transformer")
