@@ -43,6 +43,7 @@ def test_lora_on_an_int8_base_streamed_from_a_single_file(
     job["network"] = {"type": "lora", "linear": 4, "linear_alpha": 4}
     job["train"]["train_text_encoder"] = False
     job["sample"]["prompts"] = []
+    job["eval"]["sampler"] = "flow_euler"
     config = write_yaml(tmp_path / "job.yaml", job)
     assert main(["validate", str(config)]) == 0  # planning on the meta device reads and quantises nothing
     with caplog.at_level("INFO"):
@@ -52,6 +53,10 @@ def test_lora_on_an_int8_base_streamed_from_a_single_file(
     assert "layers quantised to int8, " not in caplog.text  # training did not quantise a second time
     streamed = _losses(tmp_path / "output" / "sd3")
     assert (tmp_path / "output" / "sd3" / "sd3.safetensors").is_file()
+    caplog.clear()
+    with caplog.at_level("INFO"):  # the adapter as it ships: on the full-precision base
+        assert main(["eval", str(config), "--json"]) == 0
+    assert "while loading" not in caplog.text
 
     caplog.clear()
     monkeypatch.setattr(models, "quantising_loads", _load_whole)
