@@ -70,7 +70,8 @@ def main() -> int:
                 }
             )
             files[kind] = train(cfg).output
-            base = load_or_build(cfg)
+            full = cfg.model.model_copy(update={"quantize": "none"})
+            base = load_or_build(cfg.model_copy(update={"model": full}))  # loading would quantise it
             before = weight_bytes([base.modules()["denoiser"]])
             if kind != "none":
                 quantize_module(base.modules()["denoiser"], kind)

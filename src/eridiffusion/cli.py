@@ -206,7 +206,9 @@ def run_eval(cfg: JobConfig, model: str | None, prompts_file: str | None, n: int
         family, evaluated = load_family(model), model
     elif cfg.network is not None:
         adapter = cfg.run_dir / f"{cfg.name}.safetensors"
-        family, evaluated = load_or_build(cfg), str(adapter)
+        # the adapter file as it ships: on the full-precision base (loading would quantise it)
+        full = cfg.model.model_copy(update={"quantize": "none", "quantize_text_encoders": "none"})
+        family, evaluated = load_or_build(cfg.model_copy(update={"model": full})), str(adapter)
         apply_adapter_files(family, [(adapter, 1.0)])
     else:
         evaluated = str(cfg.run_dir / "model")

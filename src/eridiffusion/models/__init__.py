@@ -21,6 +21,8 @@ from eridiffusion.models.protocol import Conditioning, ModelFamily, NoiseObjecti
 from eridiffusion.models.sd3 import SD3Family
 from eridiffusion.models.sd15 import SD15Family
 from eridiffusion.models.sdxl import SDXLFamily
+from eridiffusion.models.stable_diffusion import STORAGE_DTYPES
+from eridiffusion.models.streamed_loading import quantising_loads
 from eridiffusion.models.tiny import FAMILY_FILE, TinyFamily, parse_options
 
 __all__ = [
@@ -129,4 +131,5 @@ def load_family(path: str | Path, cfg: ModelConfig | None = None, where: str | N
         raise ValueError(f"model.arch {arch!r} is not a known family; choose one of {sorted(FAMILIES)}")
     if cfg.options and not FAMILIES[arch].load_options:
         raise ValueError("model.options only applies when building from scratch; remove it or name_or_path")
-    return FAMILIES[arch].load(path, cfg)
+    with quantising_loads(cfg.quantize, cfg.quantize_text_encoders, STORAGE_DTYPES[cfg.dtype]):
+        return FAMILIES[arch].load(path, cfg)

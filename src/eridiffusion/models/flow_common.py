@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from diffusers.models.modeling_utils import ModelMixin
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     CLIPTextConfig,
@@ -59,6 +59,7 @@ from eridiffusion.models.protocol import (
     require_size_multiple,
     underscored_lora_names,
 )
+from eridiffusion.models.quantize import quantised_layers
 from eridiffusion.models.stable_diffusion import (
     LDM_UNET_PREFIX,
     LDM_VAE_PREFIX,
@@ -73,6 +74,7 @@ from eridiffusion.models.stable_diffusion import (
     vae_from_state,
     weights_variant,
 )
+from eridiffusion.models.streamed_loading import load_pretrained, read_single_file
 from eridiffusion.models.tiny import FAMILY_FILE
 from eridiffusion.models.token_ids import token_ids
 from eridiffusion.models.tokenizer import build_t5_tokenizer, build_tokenizer
@@ -527,8 +529,8 @@ class FlowTransformerFamily(VAELatents):
                 "model.name_or_path at one, or at a single .safetensors checkpoint"
             )
         folder = _component_folder(path, "transformer")
-        transformer = cls.transformer_class.from_pretrained(
-            folder, torch_dtype=dtype, variant=weights_variant(folder)
+        transformer = load_pretrained(
+            cls.transformer_class, folder, "transformer", dtype, weights_variant(folder)
         )
         vae = None
         if not skip_vae:
@@ -544,7 +546,7 @@ class FlowTransformerFamily(VAELatents):
                     f"diffusers folder '{path}' has no {slot.module}/config.json; set model.{slot.override}"
                 )
             parts.encoders[slot.module] = _cast(
-                slot.model_class.from_pretrained(folder, dtype=dtype, variant=weights_variant(folder)), dtype
+                load_pretrained(slot.model_class, folder, slot.module, dtype, weights_variant(folder)), dtype
             )
             if _tokenizer_files(path / slot.tokenizer, slot.kind):
                 parts.tokenizers[slot.tokenizer] = load_tokenizer(path / slot.tokenizer, slot)
@@ -568,7 +570,7 @@ class FlowTransformerFamily(VAELatents):
                 f"'{path}' has no {cls.arch} transformer weights ({cls.single_file_marker}), so it is not an "
                 f"original-layout {cls.arch} checkpoint (a LoRA, a lone VAE or text encoder?)"
             )
-        state = load_file(str(path))
+        state = read_single_file(path)
         others = (*VAE_PREFIXES, "text_encoders.", "conditioner.", "cond_stage_model.")
         if any(k.startswith(TRANSFORMER_PREFIX) for k in keys):
             tstate = strip_prefix(state, TRANSFORMER_PREFIX)
@@ -795,7 +797,10 @@ M = TypeVar("M", bound=nn.Module)
 
 def _cast(module: M, dtype: torch.dtype) -> M:
     """Storage dtype of a loaded component; T5's ``wo`` projections stay fp32 under fp16 (they overflow,
-    which is why transformers keeps them in fp32 too)."""
+    which is why transformers keeps them in fp32 too). A component quantised while loading is left as
+    it is: it was stored in ``dtype`` as it was read."""
+    if quantised_layers(module):
+        return module
     if any(p.dtype != dtype for p in module.parameters()):
         module.to(dtype)
     if dtype == torch.float16 and isinstance(module, T5EncoderModel):
@@ -849,13 +854,13 @@ def load_encoder_override(
                 f"model.{slot.override}: '{path}' has no config.json (nor {slot.module}/)"
             )
         model = _cast(
-            slot.model_class.from_pretrained(folder, dtype=dtype, variant=weights_variant(folder)), dtype
+            load_pretrained(slot.model_class, folder, slot.module, dtype, weights_variant(folder)), dtype
         )
         for tok_dir in (path / slot.tokenizer, folder, path):
             if _tokenizer_files(tok_dir, slot.kind):
                 return model, load_tokenizer(tok_dir, slot)
         return model, fallback_tokenizer(path, slot, model, t5_max_length)
-    state = load_file(str(path))
+    state = read_single_file(path)
     presets = {n: load_preset(arch, n) for n in preset_names(arch)}
     model = _cast(_instantiate_text(arch, slot, path, state, presets), dtype)
     return model, fallback_tokenizer(path, slot, model, t5_max_length)

@@ -42,15 +42,26 @@ def _meta_transformers(cls: type, path: Any, *args: Any, **kwargs: Any) -> nn.Mo
     return model.eval()
 
 
+_weightless = 0
+
+
+def is_weightless() -> bool:
+    """Is :func:`weightless_loading` open (so a loader should not read or quantise weights)?"""
+    return _weightless > 0
+
+
 @contextlib.contextmanager
 def weightless_loading() -> Iterator[None]:
     """While open, ``from_pretrained`` of diffusers models and transformers models reads configs only."""
+    global _weightless
     d_original = diffusers.ModelMixin.__dict__["from_pretrained"]
     t_original = transformers.PreTrainedModel.__dict__["from_pretrained"]
     diffusers.ModelMixin.from_pretrained = classmethod(_meta_diffusers)
     transformers.PreTrainedModel.from_pretrained = classmethod(_meta_transformers)
+    _weightless += 1
     try:
         yield
     finally:
+        _weightless -= 1
         diffusers.ModelMixin.from_pretrained = d_original
         transformers.PreTrainedModel.from_pretrained = t_original

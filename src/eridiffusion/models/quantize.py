@@ -28,11 +28,13 @@ BLOCK_MARKERS = ("blocks", "mid_block", "layers", "block.")
 
 
 def quantisable_linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """(name, layer) of the plain Linear layers inside repeated blocks."""
+    """(name, layer) of the plain Linear layers inside repeated blocks (not those quantised already)."""
     return [
         (name, m)
         for name, m in module.named_modules()
-        if type(m) is nn.Linear and any(marker in name for marker in BLOCK_MARKERS)
+        if type(m) is nn.Linear
+        and type(m.weight) in (nn.Parameter, torch.Tensor)
+        and any(marker in name for marker in BLOCK_MARKERS)
     ]
 
 
@@ -54,6 +56,7 @@ def _nf4(layer: nn.Linear) -> nn.Module:
         bias=layer.bias is not None,
         quant_type="nf4",
         compute_dtype=dtype,
+        device="meta",  # its own initial weights would be an fp32 copy of the layer, replaced at once
     )
     q.weight = bnb.nn.Params4bit(layer.weight.data.to(dtype), requires_grad=False, quant_type="nf4")
     if layer.bias is not None:
@@ -69,23 +72,41 @@ def _torchao_config(kind: str) -> object:
     return Float8WeightOnlyConfig() if kind == "fp8" else Int8WeightOnlyConfig()
 
 
-def quantize_module(module: nn.Module, kind: str) -> int:
-    """Quantise ``module``'s block Linear layers in place, one at a time; returns how many."""
+def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(
             f"model.quantize: {kind!r} is not available; choose one of {', '.join(KINDS)} or none"
         )
-    layers = quantisable_linears(module)
+
+
+def quantize_layer(root: nn.Module, name: str, layer: nn.Linear, kind: str) -> None:
+    """Quantise the Linear ``layer`` found at ``name`` in ``root``, in place (nf4 replaces the module)."""
     if kind == "nf4":
-        for name, layer in layers:
-            _set_child(module, name, _nf4(layer))
-        return len(layers)
+        _set_child(root, name, _nf4(layer))
+        return
     from torchao.quantization import quantize_
 
-    config = _torchao_config(kind)
-    for _, layer in layers:
-        quantize_(layer, config, filter_fn=lambda m, _fqn: isinstance(m, nn.Linear))
+    quantize_(layer, _torchao_config(kind), filter_fn=lambda m, _fqn: isinstance(m, nn.Linear))
+
+
+def quantize_module(module: nn.Module, kind: str) -> int:
+    """Quantise ``module``'s block Linear layers in place, one at a time; returns how many."""
+    check_kind(kind)
+    layers = quantisable_linears(module)
+    for name, layer in layers:
+        quantize_layer(module, name, layer, kind)
     return len(layers)
+
+
+def quantised_layers(module: nn.Module) -> int:
+    """How many of ``module``'s layers are stored quantised already (e.g. quantised while loading):
+    bitsandbytes' 4-bit layers, and Linear layers whose weight is a torchao tensor subclass."""
+    return sum(
+        1
+        for m in module.modules()
+        if type(m).__name__ == "Linear4bit"
+        or (type(m) is nn.Linear and type(m.weight) not in (nn.Parameter, torch.Tensor))
+    )
 
 
 def weight_bytes(modules: Iterable[nn.Module]) -> int:

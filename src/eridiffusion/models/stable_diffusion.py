@@ -59,6 +59,8 @@ from eridiffusion.models.protocol import (
     require_size_multiple,
     underscored_lora_names,
 )
+from eridiffusion.models.quantize import quantised_layers
+from eridiffusion.models.streamed_loading import assign_weights, load_pretrained, read_single_file
 from eridiffusion.models.token_ids import token_ids
 from eridiffusion.models.tokenizer import build_tokenizer
 
@@ -537,9 +539,7 @@ def _from_folder(
         )
     index = json.loads(index_file.read_text(encoding="utf-8"))
     unet_dir = _component_folder(path, "unet")
-    unet = UNet2DConditionModel.from_pretrained(
-        unet_dir, torch_dtype=dtype, variant=weights_variant(unet_dir)
-    )
+    unet = load_pretrained(UNet2DConditionModel, unet_dir, "unet", dtype, weights_variant(unet_dir))
     vae = None
     if not skip_vae:
         vae_dir = _component_folder(path, "vae")
@@ -550,8 +550,8 @@ def _from_folder(
         if slot.module in skip_text:
             continue
         te_dir = _component_folder(path, slot.module)
-        encoders[slot.module] = slot.model_class.from_pretrained(
-            te_dir, dtype=dtype, variant=weights_variant(te_dir)
+        encoders[slot.module] = load_pretrained(
+            slot.model_class, te_dir, slot.module, dtype, weights_variant(te_dir)
         )
         tokenizers[slot.tokenizer] = CLIPTokenizer.from_pretrained(path / slot.tokenizer)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
@@ -590,7 +590,7 @@ def instantiate(
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if expected == got:
-            model.load_state_dict(state, strict=True, assign=True)
+            assign_weights(model, state, what)
             return model.eval()
         missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         shapes = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
@@ -640,7 +640,7 @@ def _from_single_file(
             f"'{path}' has no {LDM_UNET_PREFIX}* weights, so it is not an original-layout {cls.arch} "
             "checkpoint (a LoRA, a lone VAE or text encoder, or a diffusers-layout file?)"
         )
-    state = load_file(str(path))
+    state = read_single_file(path)
     unet = _unet_from_ldm(cls.arch, path, state)
     vae = None
     if not skip_vae:
@@ -676,7 +676,7 @@ def _from_single_file(
 
 def _cast(parts: _Parts, dtype: torch.dtype) -> None:
     for module in [parts.unet, parts.vae, *parts.text_encoders.values()]:
-        if module is not None and module.dtype != dtype:
+        if module is not None and module.dtype != dtype and not quantised_layers(module):
             module.to(dtype)
 
 
@@ -726,12 +726,12 @@ def _load_text_override(
             raise FileNotFoundError(
                 f"model.{slot.override}: '{path}' has no config.json (nor {slot.module}/)"
             )
-        model = slot.model_class.from_pretrained(folder, dtype=dtype, variant=weights_variant(folder))
+        model = load_pretrained(slot.model_class, folder, slot.module, dtype, weights_variant(folder))
         for tok_dir in (path / slot.tokenizer, path / "tokenizer", folder):
             if any((tok_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
                 return model, CLIPTokenizer.from_pretrained(tok_dir)
         return model, _fallback_tokenizer(path, slot, model)
-    state = load_file(str(path))
+    state = read_single_file(path)
     presets = {n: p[slot.module] for n, p in _presets(arch).items()}
     original_layout = any(k.startswith(slot.ldm_prefix) for k in state)
 
@@ -741,7 +741,7 @@ def _load_text_override(
     model = instantiate(
         slot.module, path, arch, lambda config: build_text_model(slot, config), presets, convert
     )
-    model = model if model.dtype == dtype else model.to(dtype)
+    model = model if model.dtype == dtype or quantised_layers(model) else model.to(dtype)
     return model, _fallback_tokenizer(path, slot, model)
 
 

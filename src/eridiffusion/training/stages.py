@@ -24,7 +24,7 @@ from eridiffusion.data.loader import Batch, ImageSource, TrainingData, open_sour
 from eridiffusion.data.validation import split_datasets
 from eridiffusion.inference.evaluate import EvalSettings, evaluate_into, prompts_path, read_prompts
 from eridiffusion.models import ModelFamily
-from eridiffusion.models.quantize import quantize_module, weight_bytes
+from eridiffusion.models.quantize import quantised_layers, quantize_module, weight_bytes
 from eridiffusion.models.stable_diffusion import STORAGE_DTYPES
 from eridiffusion.networks import attach_network, export_network, merge_adapters
 from eridiffusion.training.autoencoder import (
@@ -187,6 +187,8 @@ def _quantize_base(cfg: JobConfig, family: ModelFamily, trained: set[str]) -> No
     kinds = {"denoiser": cfg.model.quantize, **dict.fromkeys(text_names, cfg.model.quantize_text_encoders)}
     for name, kind in kinds.items():
         if kind == "none" or name in trained or name not in modules:
+            continue
+        if quantised_layers(modules[name]):  # the loader quantised it while reading (models.streamed_loading)
             continue
         before = weight_bytes([modules[name]])
         n = quantize_module(modules[name], kind)
