@@ -67,7 +67,8 @@ def test_minimal_config_fills_defaults() -> None:
         (
             minimal(train={"learning_rate": 1e-4}),
             "train.learning_rate",
-            "batch_size, device, distributed, ema,",
+            "batch_size, device, diff_output_preservation, diff_output_preservation_class, "
+            "diff_output_preservation_multiplier, distributed, ema,",
         ),
         (
             minimal(train={"optimizer": {"typ": "sgd"}}),
@@ -79,8 +80,9 @@ def test_minimal_config_fills_defaults() -> None:
             minimal(datasets=[{"folder_path": "a", "resolutoin": 64}]),
             "datasets[0].resolutoin",
             "bucket_no_upscale, bucket_step, cache_dir, cache_latents_to_disk, cache_text_embeddings, "
-            "caption_dropout_rate, caption_ext, crop, enable_buckets, flip_x, folder_path, is_reg, "
-            "keep_tokens, loss_weight, num_repeats, resolution, shards, shuffle_tokens, synthetic, "
+            "caption_dropout_rate, caption_ext, class_prompt, crop, enable_buckets, flip_x, folder_path, "
+            "is_reg, keep_tokens, loss_weight, num_class_images, num_repeats, resolution, shards, "
+            "shuffle_tokens, synthetic, "
             "trigger_word, weight",
         ),
         (

@@ -19,6 +19,7 @@ from typing import Any
 
 from eridiffusion.config.schema import DatasetConfig, JobConfig, StageConfig
 from eridiffusion.data.cache import encoder_names
+from eridiffusion.data.class_folder import count_images
 from eridiffusion.data.folder import IMAGE_EXTENSIONS
 from eridiffusion.models import ModelFamily
 from eridiffusion.networks.adapters import lora_parameter_count
@@ -100,7 +101,9 @@ def estimate_images(
         if d.folder_path is None:  # tar shards: counted when they are indexed at train time
             continue
         folder = Path(d.folder_path)
-        if folder.is_dir():
+        if d.class_prompt is not None:  # filled up to num_class_images by the base model at train time
+            images += max(count_images(folder), d.num_class_images) * d.num_repeats
+        elif folder.is_dir():
             found = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found and d.synthetic is None:
                 problems.append(f"{where}[{i}].folder_path: no images in '{folder}'")

@@ -1,0 +1,129 @@
+"""``eri train`` / ``eri validate`` with prior preservation (class images drawn by the base model) and
+differential output preservation, on the tiny family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from eridiffusion.cli import main
+from eridiffusion.config import load_config
+from tests.conftest import tiny_job, write_yaml
+
+NETWORK = {"type": "lora", "linear": 4, "linear_alpha": 4}
+
+
+def _class_job(tmp_path: Path, name: str) -> Path:
+    job = tiny_job(tmp_path, name=name, network=NETWORK)
+    job["datasets"][0]["trigger_word"] = "sks"
+    job["datasets"].append(
+        {
+            "class_data_dir": str(tmp_path / "class"),
+            "is_reg": True,
+            "class_prompt": "a circle",
+            "num_class_images": 6,
+            "prior_loss_weight": 0.5,
+            "resolution": 16,
+        }
+    )
+    return write_yaml(tmp_path / f"{name}.yaml", job)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_class_images_drawn_once_beside_the_users(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "class"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(folder / "mine.png")
+    (folder / "mine.txt").write_text("a circle of mine", encoding="utf-8")
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(folder / "class_00001.png")  # the user's, no caption
+    users = _snapshot(folder)
+
+    assert main(["validate", str(_class_job(tmp_path, "first"))]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "prior preservation: datasets[1] class 'a circle'" in out
+        and "2 of 6 image(s) present, 4 to draw" in out
+    )
+    assert not (folder / "class_00000.png").exists()  # validate draws nothing
+
+    assert main(["train", str(_class_job(tmp_path, "first"))]) == 0
+    after = _snapshot(folder)
+    assert {k: after[k] for k in users} == users  # the user's files are untouched
+    drawn = sorted(set(after) - set(users))
+    stems = ["class_00000", "class_00002", "class_00003", "class_00004"]
+    assert drawn == sorted([f"{s}.png" for s in stems] + [f"{s}.txt" for s in stems])
+    for s in stems:
+        assert (folder / f"{s}.txt").read_text(encoding="utf-8") == "a circle\n"
+        assert Image.open(folder / f"{s}.png").size == (16, 16)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
+    metadata = json.loads((tmp_path / "output" / "first" / "run.json").read_text())["status"]
+    assert metadata == "finished"
+
+    assert main(["train", str(_class_job(tmp_path, "second"))]) == 0  # a new run: the folder is full
+    assert _snapshot(folder) == after
+
+    (folder / "class_00003.png").unlink()
+    (folder / "class_00003.txt").unlink()
+    assert main(["train", str(_class_job(tmp_path, "third"))]) == 0  # the same image comes back
+    assert _snapshot(folder)["class_00003.png"][1] == after["class_00003.png"][1]
+
+
+def _dop_job(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    job = tiny_job(tmp_path, network=NETWORK, **extra)
+    job["datasets"][0]["trigger_word"] = "sks"
+    job["train"].update({"diff_output_preservation": True, "diff_output_preservation_class": "", "steps": 3})
+    return job
+
+
+def test_output_preservation_trains_and_is_planned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_yaml(tmp_path / "dop.yaml", _dop_job(tmp_path))
+    assert main(["validate", str(config)]) == 0
+    assert (
+        "output preservation: trigger 'sks' -> '', multiplier 1 (adapter steps only)"
+        in capsys.readouterr().out
+    )
+    assert main(["train", str(config)]) == 0
+    rows = [
+        json.loads(line) for line in (tmp_path / "output" / "t" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [r["preservation_loss"] for r in rows if "preservation_loss" in r]
+    assert len(logged) == 3 and logged[0] == 0.0 and logged[-1] > 0  # zero while the adapter is a no-op
+    assert (tmp_path / "output" / "t" / "t.safetensors").is_file()
+
+
+def test_output_preservation_refuses_a_full_fine_tune(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = _dop_job(tmp_path)
+    del job["network"]
+    assert main(["train", str(write_yaml(tmp_path / "full.yaml", job))]) == 2
+    err = capsys.readouterr().err
+    assert "train.diff_output_preservation needs adapter training" in err and "Traceback" not in err
+
+
+def test_aitoolkit_output_preservation_keys_load(tmp_path: Path) -> None:
+    """ai-toolkit's DOP keys are eri's own (same section, same names); its trigger word reaches the data."""
+    train = {"steps": 2, "diff_output_preservation": True, "diff_output_preservation_multiplier": 0.5}
+    process = {
+        "type": "sd_trainer",
+        "training_folder": str(tmp_path / "output"),
+        "trigger_word": "p3r5on",
+        "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+        "datasets": [{"folder_path": str(tmp_path / "shapes"), "resolution": [16]}],
+        "train": {**train, "diff_output_preservation_class": "person"},
+        "model": {"arch": "tiny"},
+    }
+    job = {"job": "extension", "config": {"name": "aitk", "process": [process]}}
+    cfg = load_config(write_yaml(tmp_path / "aitk.yaml", job))
+    t = cfg.train
+    assert (t.diff_output_preservation, t.diff_output_preservation_multiplier) == (True, 0.5)
+    assert t.diff_output_preservation_class == "person" and cfg.datasets[0].trigger_word == "p3r5on"
