@@ -127,3 +127,42 @@ def test_aitoolkit_output_preservation_keys_load(tmp_path: Path) -> None:
     t = cfg.train
     assert (t.diff_output_preservation, t.diff_output_preservation_multiplier) == (True, 0.5)
     assert t.diff_output_preservation_class == "person" and cfg.datasets[0].trigger_word == "p3r5on"
+
+
+def test_pipeline_concept_step_with_both(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The quickstart's shape: a base step, then a concept LoRA step whose class images come from the
+    base step's result; output preservation applies to the LoRA step only."""
+    job = tiny_job(tmp_path, name="pipe")
+    job["train"].update({"diff_output_preservation": True, "diff_output_preservation_class": ""})
+    concept = {**job["datasets"][0], "trigger_word": "sks", "caption_dropout_rate": 0.0}
+    class_set = {
+        "folder_path": str(tmp_path / "class"),
+        "is_reg": True,
+        "class_prompt": "a red circle",
+        "num_class_images": 3,
+        "resolution": 16,
+    }
+    job["pipeline"] = {
+        "steps": [
+            {"name": "base", "trainable": ["denoiser", "text_encoder"], "max_steps": 2},
+            {
+                "name": "concept",
+                "trainable": ["lora"],
+                "network": NETWORK,
+                "max_steps": 2,
+                "datasets": [concept, class_set],
+            },
+        ]
+    }
+    config = write_yaml(tmp_path / "pipe.yaml", job)
+    assert main(["validate", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "prior preservation: pipeline.steps[1].datasets[1] class 'a red circle'" in out
+    assert "0 of 3 image(s) present, 3 to draw" in out
+    assert main(["train", str(config)]) == 0
+    folder = tmp_path / "class"
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"class_0000{k}.png" for k in range(3)]
+    rows = [
+        json.loads(line) for line in (tmp_path / "output" / "pipe" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["stage"] for r in rows if "preservation_loss" in r] == ["concept", "concept"]
