@@ -63,6 +63,8 @@ def test_class_images_drawn_once_beside_the_users(tmp_path: Path, capsys: pytest
         assert (folder / f"{s}.txt").read_text(encoding="utf-8") == "a circle\n"
         assert Image.open(folder / f"{s}.png").size == (16, 16)
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
+    parameters = Image.open(folder / "class_00003.png").info["parameters"]  # how to draw it again
+    assert parameters.startswith("a circle\n") and "Seed: 3," in parameters and "Steps: 2," in parameters
     metadata = json.loads((tmp_path / "output" / "first" / "run.json").read_text())["status"]
     assert metadata == "finished"
 

@@ -158,6 +158,16 @@ def test_class_files_never_replace_a_users_file(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         write_class_example(folder, 2, image, "a circle", "txt")
     assert (folder / "class_00002.txt").read_text() == "the user's caption"
+
+    class Broken:
+        def save(self, *args: object, **kwargs: object) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_class_example(folder, 5, Broken(), "a circle", "txt")  # type: ignore[arg-type]
+    assert not (folder / "class_00005.png").exists()
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # the temporary file is gone
+    (folder / "class_00005.txt").unlink()  # the caption went first: an orphan, never an uncaptioned image
     assert sorted(p.name for p in folder.iterdir()) == [
         "class_00000.jpg", "class_00001.png", "class_00001.txt", "class_00002.txt"
     ]  # fmt: skip

@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from PIL import Image, PngImagePlugin
+
 from eridiffusion.config.schema import DatasetConfig
 from eridiffusion.data.folder import IMAGE_EXTENSIONS
 
@@ -54,7 +56,15 @@ def _write_new(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` then rename to ``path``; refuses (FileExistsError) rather than replace a file that
     appeared meanwhile."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
+    try:
+        write(tmp)
+        _link_new(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """``path`` becomes ``tmp``'s content unless it exists (then FileExistsError)."""
     try:
         os.link(tmp, path)  # fails if path exists: nothing of the user's is ever replaced
     except FileExistsError:
@@ -63,18 +73,24 @@ def _write_new(path: Path, write: Callable[[Path], None]) -> None:
         if path.exists():
             raise FileExistsError(f"{path} exists; it is left as it is") from None
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def write_class_example(folder: Path, index: int, image: object, caption: str, caption_ext: str) -> Path:
-    """Write one generated image (a PIL image) as ``class_NNNNN.png`` with its caption beside it; the
-    caption goes first, so a half-finished pair is an orphan caption, never an uncaptioned image."""
+def write_class_example(
+    folder: Path,
+    index: int,
+    image: Image.Image,
+    caption: str,
+    caption_ext: str,
+    pnginfo: PngImagePlugin.PngInfo | None = None,
+) -> Path:
+    """Write one generated image as ``class_NNNNN.png`` (with ``pnginfo``: how it was drawn) and its
+    caption beside it; the caption goes first, so a half-finished pair is an orphan caption, never an
+    uncaptioned image."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{CLASS_STEM}{index:05d}"
     _write_new(folder / f"{stem}.{caption_ext}", lambda p: p.write_text(caption + "\n", encoding="utf-8"))
     image_path = folder / f"{stem}.png"
-    _write_new(image_path, lambda p: image.save(p, format="PNG"))  # type: ignore[attr-defined]
+    _write_new(image_path, lambda p: image.save(p, format="PNG", pnginfo=pnginfo))
     return image_path
 
 

@@ -30,10 +30,11 @@ from eridiffusion.data.class_folder import (
     missing_class_images,
     write_class_example,
 )
-from eridiffusion.inference.generate import GenerateRequest, sample, to_pil
+from eridiffusion.inference.generate import GenerateRequest, a1111_parameters, png_info, sample, to_pil
 from eridiffusion.inference.samplers import default_sampler
 from eridiffusion.models import ModelFamily
 from eridiffusion.networks.adapters import adapters_disabled
+from eridiffusion.progress import progress_bar
 from eridiffusion.training.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def _on_device_for_inference(family: ModelFamily, device: torch.device) -> Itera
 
 
 def _draw(family: ModelFamily, cfg: JobConfig, d: DatasetConfig, where: str, device: torch.device) -> int:
-    """Generate the missing images of one class dataset; returns how many were written."""
+    """Generate the missing images of one class dataset; returns how many were written. Each PNG carries
+    A1111's ``parameters`` text (prompt, sampler, steps, guidance, seed), so any image can be redrawn."""
     folder, s = Path(str(d.folder_path)), cfg.sample
     assert d.class_prompt is not None
     indices = free_indices(folder, missing_class_images(d), d.caption_ext)
@@ -70,6 +72,7 @@ def _draw(family: ModelFamily, cfg: JobConfig, d: DatasetConfig, where: str, dev
         where, len(indices), d.class_prompt, folder, sampler, s.steps, s.guidance_scale, size,
     )  # fmt: skip
     batch = s.images_per_prompt  # what the user's sample grid already fits on the device
+    bar = progress_bar(len(indices), f"class images {where}", cfg.logging.progress)
     for start in range(0, len(indices), batch):
         chunk = indices[start : start + batch]
         req = GenerateRequest(
@@ -84,7 +87,10 @@ def _draw(family: ModelFamily, cfg: JobConfig, d: DatasetConfig, where: str, dev
             height=size,
         )
         for k, image in zip(chunk, to_pil(sample(family, req, device)), strict=True):
-            write_class_example(folder, k, image, d.class_prompt, d.caption_ext)
+            info = png_info(a1111_parameters(req, d.class_prompt, s.seed + k, size, size))
+            write_class_example(folder, k, image, d.class_prompt, d.caption_ext, info)
+        bar.update(len(chunk))
+    bar.close()
     return len(indices)
 
 
