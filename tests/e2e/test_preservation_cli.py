@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from eridiffusion.cli import main
 from eridiffusion.config import load_config
 from tests.conftest import tiny_job, write_yaml
+from tests.e2e.test_oom_retry import _limit_batch
 
 NETWORK = {"type": "lora", "linear": 4, "linear_alpha": 4}
 
@@ -100,6 +103,42 @@ def test_output_preservation_trains_and_is_planned(
     logged = [r["preservation_loss"] for r in rows if "preservation_loss" in r]
     assert len(logged) == 3 and logged[0] == 0.0 and logged[-1] > 0  # zero while the adapter is a no-op
     assert (tmp_path / "output" / "t" / "t.safetensors").is_file()
+
+
+def test_output_preservation_with_accumulation_and_bf16(tmp_path: Path) -> None:
+    """Accumulated micro-batches under bf16 autocast: the term is logged per step, finite and positive."""
+    job = _dop_job(tmp_path)
+    job["train"].update({"gradient_accumulation_steps": 2, "batch_size": 4, "mixed_precision": "bf16"})
+    assert main(["train", str(write_yaml(tmp_path / "acc.yaml", job))]) == 0
+    rows = [
+        json.loads(line) for line in (tmp_path / "output" / "t" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [r["preservation_loss"] for r in rows if "preservation_loss" in r]
+    assert len(logged) == 3 and logged[0] == 0.0 and 0 < logged[-1] < 1e3
+
+
+def test_output_preservation_survives_the_out_of_memory_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step redone in pieces (injected out-of-memory, as in test_oom_retry) trains the same adapter and
+    logs the same preservation loss as the whole step."""
+
+    def run(name: str) -> tuple[dict[str, torch.Tensor], list[float]]:
+        job = _dop_job(tmp_path, name=name)
+        job["train"].update(optimizer={"type": "sgd"}, lr=0.05, gradient_accumulation_steps=2)
+        assert main(["train", str(write_yaml(tmp_path / f"{name}.yaml", job))]) == 0
+        out = tmp_path / "output" / name
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        weights = load_file(out / "checkpoints" / "step_000003" / "trainable.safetensors")
+        return weights, [r["preservation_loss"] for r in rows if "preservation_loss" in r]
+
+    whole, whole_terms = run("whole")
+    seen = _limit_batch(monkeypatch, limit=2)
+    pieces, piece_terms = run("pieces")
+    assert seen["ooms"] == 2 and whole_terms[-1] > 0
+    assert piece_terms == pytest.approx(whole_terms, rel=1e-4, abs=1e-9)
+    for k in whole:
+        torch.testing.assert_close(pieces[k], whole[k], rtol=1e-5, atol=1e-7)
 
 
 def test_output_preservation_refuses_a_full_fine_tune(

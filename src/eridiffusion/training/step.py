@@ -86,8 +86,8 @@ def diffusion_loss(
 
 
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
-"""(noisy input, timesteps, conditioning from the data) -> an extra loss per row, added before the rows'
-loss weights (output preservation)."""
+"""(noisy input, timesteps, conditioning from the data) -> an extra loss per row, weighted by the rows'
+loss weights as the main loss is (output preservation)."""
 
 
 def loss_after_dropout(
