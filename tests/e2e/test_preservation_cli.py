@@ -207,3 +207,11 @@ def test_pipeline_concept_step_with_both(tmp_path: Path, capsys: pytest.CaptureF
         json.loads(line) for line in (tmp_path / "output" / "pipe" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["stage"] for r in rows if "preservation_loss" in r] == ["concept", "concept"]
+
+
+def test_a_class_folder_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _class_job(tmp_path, "file")
+    (tmp_path / "class").write_text("not a folder", encoding="utf-8")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "datasets[1].folder_path:" in err and "is a file; class images need a folder" in err

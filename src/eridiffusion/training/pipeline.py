@@ -103,6 +103,8 @@ def estimate_images(
         folder = Path(d.folder_path)
         if d.class_prompt is not None:  # filled up to num_class_images by the base model at train time
             images += max(count_images(folder), d.num_class_images) * d.num_repeats
+            if folder.exists() and not folder.is_dir():
+                problems.append(f"{where}[{i}].folder_path: '{folder}' is a file; class images need a folder")
         elif folder.is_dir():
             found = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found and d.synthetic is None:
