@@ -215,3 +215,34 @@ def test_a_class_folder_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "datasets[1].folder_path:" in err and "is a file; class images need a folder" in err
+
+
+@pytest.mark.slow
+def test_two_processes_draw_once_and_train_as_one(tmp_path: Path) -> None:
+    """`--num-processes 2`: the main process draws the class images while the other waits, and the
+    adapter trained with output preservation equals one process's with twice the batch."""
+    from tests.e2e.test_distributed import assert_close, eri, weights
+
+    def job(name: str) -> Path:
+        data = _dop_job(tmp_path, name=name)
+        data["train"].update(optimizer={"type": "sgd"}, lr=0.05)
+        data["datasets"].append(
+            {
+                "folder_path": str(tmp_path / f"class_{name}"),
+                "is_reg": True,
+                "class_prompt": "a circle",
+                "num_class_images": 4,
+                "resolution": 16,
+            }
+        )
+        return write_yaml(tmp_path / f"{name}.yaml", data)
+
+    r1 = eri("train", str(job("one")), "train.batch_size=8", "save.every=3")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = eri("train", "--num-processes", "2", str(job("two")), "train.batch_size=4", "save.every=3")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    one, two = tmp_path / "class_one", tmp_path / "class_two"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert all((two / p.name).read_bytes() == p.read_bytes() for p in one.glob("*.png"))
+    out = tmp_path / "output"
+    assert_close(weights(out / "two", 3), weights(out / "one", 3), rtol=1e-5)

@@ -98,13 +98,16 @@ def fill_class_images(
     cfg: JobConfig, family: ModelFamily, datasets: list[DatasetConfig], engine: Engine, where: str
 ) -> int:
     """Draw every missing class image of ``datasets`` (the main process; the others wait and then read
-    the folder); returns how many this process wrote. ``where`` names the datasets list in messages."""
-    pending = [(i, d) for i, d in class_datasets(datasets) if missing_class_images(d)]
-    if not pending:
+    the folder); returns how many this process wrote. ``where`` names the datasets list in messages.
+
+    Whether to wait is decided from the config alone, the same in every process: a process that looked at
+    the folder itself could find it already filled and skip the barrier the main process waits at."""
+    if not any(class_datasets(datasets)):
         return 0
     written = 0
     with engine.main_first():
-        if engine.is_main:
+        pending = [(i, d) for i, d in class_datasets(datasets) if missing_class_images(d)]
+        if engine.is_main and pending:
             with _on_device_for_inference(family, engine.device):
                 for i, d in pending:
                     try:
