@@ -67,7 +67,8 @@ def test_minimal_config_fills_defaults() -> None:
         (
             minimal(train={"learning_rate": 1e-4}),
             "train.learning_rate",
-            "batch_size, blocks_to_swap, device, distributed, ema,",
+            "batch_size, blocks_to_swap, device, diff_output_preservation, diff_output_preservation_class, "
+            "diff_output_preservation_multiplier, distributed, ema,",
         ),
         (
             minimal(train={"optimizer": {"typ": "sgd"}}),
@@ -79,10 +80,10 @@ def test_minimal_config_fills_defaults() -> None:
             minimal(datasets=[{"folder_path": "a", "resolutoin": 64}]),
             "datasets[0].resolutoin",
             "alpha_mask, bucket_no_upscale, bucket_step, cache_dir, cache_latents_to_disk, "
-            "cache_text_embeddings, caption_dropout_rate, caption_ext, crop, enable_buckets, flip_x, "
-            "folder_path, is_reg, is_val, keep_tokens, loss_weight, mask_path, "
-            "normalize_masked_area_loss, num_repeats, resolution, shards, shuffle_tokens, synthetic, "
-            "trigger_word, unmasked_weight, validation_split, weight",
+            "cache_text_embeddings, caption_dropout_rate, caption_ext, class_prompt, crop, "
+            "enable_buckets, flip_x, folder_path, is_reg, is_val, keep_tokens, loss_weight, mask_path, "
+            "normalize_masked_area_loss, num_class_images, num_repeats, resolution, shards, "
+            "shuffle_tokens, synthetic, trigger_word, unmasked_weight, validation_split, weight",
         ),
         (
             minimal(datasets=[{"folder_path": "a"}, {"folder_path": "b", "synthetic": {"knd": "shapes"}}]),

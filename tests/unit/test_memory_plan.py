@@ -18,7 +18,8 @@ from eridiffusion.models import build_family
 from eridiffusion.models.stable_diffusion import load_preset
 from eridiffusion.training.memory_plan import _loaded_preset, estimate_memory, step_loss
 from eridiffusion.training.memory_report import format_estimate
-from eridiffusion.training.stages import trainable_parameters
+from eridiffusion.training.preservation import OutputPreservation
+from eridiffusion.training.stages import single_stage_plan, trainable_parameters
 from eridiffusion.training.step import diffusion_loss
 from tests.conftest import TINY_OPTIONS
 
@@ -145,3 +146,27 @@ def test_a_loaded_model_is_planned_at_its_own_preset(tmp_path: Path) -> None:
     assert _loaded_preset("sd3", folder) == ("medium", "its transformer config matches the 'medium' preset")
     assert _loaded_preset("flux", tmp_path / "flux1-schnell.safetensors")[0] == "schnell"
     assert _loaded_preset("sd3", tmp_path / "model.safetensors") == ("large", "the family's usual size")
+
+
+def test_output_preservation_is_traced() -> None:
+    """``train.diff_output_preservation`` adds a forward with the adapter (kept for backward) and one
+    without: the trace is still the trainer's loss, and the estimate's activations grow."""
+    plain = job("tiny", TINY_OPTIONS, 16)
+    data = plain.model_dump()
+    data["train"].update({"diff_output_preservation": True, "diff_output_preservation_class": "shape"})
+    data["datasets"][0]["trigger_word"] = "sks"
+    cfg = JobConfig.model_validate(data)
+    family = build_family("tiny", TINY_OPTIONS, seed=0, captions=["sks a red circle", "a shape"])
+    params = trainable_parameters(family, cfg)
+    with torch.no_grad():
+        for key, p in params.items():
+            if "lora_B" in key:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    batch = Batch(pixels, ["sks a red circle"] * 2, torch.zeros(2), 0, torch.ones(2))
+    cpu = torch.device("cpu")
+    ours = step_loss(family, batch, cfg, torch.Generator().manual_seed(7), cpu)
+    assert not torch.equal(ours, step_loss(family, batch, plain, torch.Generator().manual_seed(7), cpu))
+    dop = OutputPreservation.for_stage(cfg, single_stage_plan(cfg, family).config, cfg.datasets, family)
+    assert torch.equal(ours, diffusion_loss(family, batch, cfg, torch.Generator().manual_seed(7), cpu, dop))
+    assert estimate_memory(cfg).activations > estimate_memory(plain).activations

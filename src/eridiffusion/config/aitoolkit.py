@@ -231,9 +231,6 @@ TRAIN_KEYS: dict[str, Handler] = {
     "unload_text_encoder": only(False, "no equivalent; use datasets[].cache_text_embeddings"),
     "cache_text_embeddings": cosmetic("set per dataset in eri: datasets[].cache_text_embeddings"),
     "bypass_guidance_embedding": only(False, "no equivalent in eri's Flux training; set it false"),
-    "diff_output_preservation": only(False, "no equivalent; use a regularisation dataset (is_reg: true)"),
-    "diff_output_preservation_multiplier": cosmetic("applies only with diff_output_preservation: true"),
-    "diff_output_preservation_class": cosmetic("applies only with diff_output_preservation: true"),
     "switch_boundary_every": cosmetic("applies only to two-expert video models"),
     "full_bf16": move("weights_dtype", _switch("bf16", "fp32", "full_bf16")),  # kohya's flag
     "stochastic_rounding": move("weights_rounding", _switch("stochastic", "nearest", "stochastic_rounding")),

@@ -208,6 +208,17 @@ class TrainConfig(Strict):
     )
     ip_noise_gamma: float = Field(default=0.0, ge=0, description="input perturbation (Ning et al. 2023); 0.1")
     ema: EMAConfig = Field(default_factory=EMAConfig)
+    diff_output_preservation: bool = Field(
+        default=False,
+        description="adapters: on the caption with the trigger word replaced by the class word, match the "
+        "frozen base's prediction (ai-toolkit's DOP)",
+    )
+    diff_output_preservation_multiplier: float = Field(
+        default=1.0, gt=0, description="weight of the output-preservation loss"
+    )
+    diff_output_preservation_class: str | None = Field(
+        default=None, description="the word that replaces the trigger word ('' removes it), e.g. person"
+    )
     train_text_encoder: bool = True
     seed: int = 42
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
@@ -215,6 +226,15 @@ class TrainConfig(Strict):
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="multi-process training (one process: ignored)"
     )
+
+    @model_validator(mode="after")
+    def _preservation_class(self) -> TrainConfig:
+        if self.diff_output_preservation and self.diff_output_preservation_class is None:
+            raise ValueError(
+                "train.diff_output_preservation needs train.diff_output_preservation_class: the word that "
+                "replaces the trigger word (e.g. person; '' removes the trigger)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _schedule_allowed(self) -> TrainConfig:
@@ -412,6 +432,13 @@ class DatasetConfig(Strict):
     normalize_masked_area_loss: bool = Field(
         default=False, description="divide a masked image's loss by its mean mask weight (as OneTrainer)"
     )
+    class_prompt: str | None = Field(
+        default=None,
+        description="is_reg sets: generate missing class images from this prompt with the base model",
+    )
+    num_class_images: int = Field(
+        default=100, ge=1, description="with class_prompt: fill folder_path up to this many images"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -423,6 +450,21 @@ class DatasetConfig(Strict):
                     if "is_val" in data:
                         raise ValueError(f"{alias} is an alias of is_val; keep one of them")
                     data = {**{k: v for k, v in data.items() if k != alias}, "is_val": data[alias]}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _diffusers_names(cls, data: Any) -> Any:
+        """diffusers' DreamBooth spellings: ``class_data_dir`` is the class set's folder_path and
+        ``prior_loss_weight`` its loss_weight."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for alias, name in (("class_data_dir", "folder_path"), ("prior_loss_weight", "loss_weight")):
+            if alias in data:
+                if name in data:
+                    raise ValueError(f"{alias} and {name} name the same setting; give one of them")
+                data[name] = data.pop(alias)
         return data
 
     @property
@@ -468,6 +510,11 @@ class DatasetConfig(Strict):
             raise ValueError(
                 "validation_split needs folder_path: streamed shards cannot be split; hold images out "
                 "with a separate dataset entry with is_val: true"
+            )
+        if self.class_prompt is not None and (not self.is_reg or self.folder_path is None or self.synthetic):
+            raise ValueError(
+                "class_prompt generates regularisation images into folder_path: it needs is_reg: true and "
+                "folder_path (class_data_dir), and no synthetic section"
             )
         if self.shards is not None and (self.cache_latents_to_disk or self.cache_text_embeddings):
             raise ValueError(
@@ -739,6 +786,35 @@ class JobConfig(Strict):
                         f"pipeline.steps[{i}].optimizers.{name}.type {group.type} with train.weights_dtype "
                         f"bf16: {CHUNKED_STEP_REFUSED[group.type]}"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _preservation_trains_an_adapter(self) -> JobConfig:
+        """Output preservation compares the model with its adapter on and off, so it needs an adapter and
+        a trigger word to replace; in a pipeline it applies to the steps that train ``lora``."""
+        if not self.train.diff_output_preservation:
+            return self
+        key = "train.diff_output_preservation"
+        if self.pipeline is None:
+            adapter_steps = [self.datasets] if self.network is not None else []
+        else:
+            steps = self.pipeline.steps
+            adapter_steps = [s.datasets or self.datasets for s in steps if "lora" in s.trainable]
+        if not adapter_steps:
+            raise ValueError(
+                f"{key} needs adapter training (a network section, or a pipeline step that trains lora): "
+                "with no adapter to turn off there is no base to compare with; remove it for a full fine-tune"
+            )
+        if any(not any(d.trigger_word for d in datasets) for datasets in adapter_steps):
+            raise ValueError(
+                f"{key} replaces the trigger word by diff_output_preservation_class: set "
+                "datasets[].trigger_word on the datasets the adapter learns"
+            )
+        if any(d.cache_text_embeddings for datasets in adapter_steps for d in datasets):
+            raise ValueError(
+                f"{key} encodes each caption again with the class word, which a text-embedding cache does "
+                "not hold; set cache_text_embeddings: false on the adapter's datasets"
+            )
         return self
 
     @property

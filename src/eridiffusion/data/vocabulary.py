@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from eridiffusion.config.schema import DatasetConfig, JobConfig
 from eridiffusion.data.captions import apply_trigger
+from eridiffusion.data.class_folder import count_images, missing_class_images
 from eridiffusion.data.loader import open_sources
 from eridiffusion.models.prompts import Truncation, find_truncations
 
@@ -34,11 +36,14 @@ def job_datasets(cfg: JobConfig) -> list[DatasetConfig]:
 
 def dataset_captions(configs: Sequence[DatasetConfig]) -> list[str]:
     """The captions of ``configs`` as training reads them (trigger word applied), one per image; scanning
-    generates synthetic datasets that are not written yet, as training would."""
-    sources = open_sources(configs)
-    return [
+    generates synthetic datasets that are not written yet, as training would. A class folder that the
+    model has yet to fill (prior preservation) counts with its ``class_prompt``, the caption it will get."""
+    readable = [c for c in configs if not missing_class_images(c) or count_images(Path(str(c.folder_path)))]
+    sources = open_sources(readable)
+    pending = [cfg.class_prompt for cfg in configs if missing_class_images(cfg) and cfg.class_prompt]
+    return pending + [
         apply_trigger(caption, cfg.trigger_word)
-        for cfg, source in zip(configs, sources, strict=True)
+        for cfg, source in zip(readable, sources, strict=True)
         for caption in source.captions
     ]
 

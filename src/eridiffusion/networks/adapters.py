@@ -9,7 +9,9 @@ naming the format converters in :mod:`eridiffusion.networks.formats` translate f
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +174,27 @@ def load_adapter_state(family: ModelFamily, state: dict[str, torch.Tensor]) -> N
         unexpected = getattr(result, "unexpected_keys", []) or []
         if unexpected:
             raise ValueError(f"adapter tensors do not fit the {component}: e.g. {unexpected[:3]}")
+
+
+@contextlib.contextmanager
+def adapters_disabled(family: ModelFamily) -> Iterator[None]:
+    """The frozen base for the block: every injected adapter is bypassed (peft's ``enable_adapters``),
+    then switched back on with each adapter tensor's ``requires_grad`` as it was (peft's switch resets it).
+
+    This is how a training step asks "what would the model do without the adapter" without a second copy
+    of the model (output preservation)."""
+    modules = family.modules().values()
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    grads = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in grads:
+            p.requires_grad_(flag)
 
 
 @torch.no_grad()

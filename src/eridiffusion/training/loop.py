@@ -23,6 +23,7 @@ from pathlib import Path
 
 from eridiffusion.config.load import dump_config
 from eridiffusion.config.schema import VAL_METRIC, JobConfig
+from eridiffusion.data.class_folder import missing_class_images
 from eridiffusion.data.loader import ImageSource, open_sources
 from eridiffusion.data.vocabulary import job_captions, warn_caption_truncation
 from eridiffusion.inference.samplers import check_sampler
@@ -121,7 +122,8 @@ def train(cfg: JobConfig, on_step: Callable[[TrainState], None] | None = None) -
     engine = create_engine(cfg.train)
     run_dir = cfg.run_dir
     with engine.main_first():  # scan first: a bad path fails before a model loads; main generates data
-        sources = open_sources(cfg.datasets)
+        # class folders still to fill (prior preservation) are read once the model has drawn them
+        sources = None if any(map(missing_class_images, cfg.datasets)) else open_sources(cfg.datasets)
     info = engine.broadcast(open_run(run_dir, cfg.save.resume, adapter_name(cfg)) if engine.is_main else None)
     fingerprint = result_fingerprint(cfg)
     if is_finished(info, fingerprint, run_dir):
@@ -172,7 +174,7 @@ def _run_stages(
     family: ModelFamily | None,
     state: TrainState,
     resume: tuple[Path, Loaded] | None,
-    sources: list[ImageSource],
+    sources: list[ImageSource] | None,
 ) -> Path:
     """Every stage from the state's on, then the pipeline's final model; returns the run's output."""
     cfg, engine, run_dir = run.cfg, run.engine, run.cfg.run_dir

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -49,7 +50,8 @@ from eridiffusion.training.memory_trace import (
     LiveMemory,
 )
 from eridiffusion.training.optim import build_optimizer
-from eridiffusion.training.stages import trainable_parameters
+from eridiffusion.training.preservation import OutputPreservation
+from eridiffusion.training.stages import single_stage_plan, trainable_parameters
 from eridiffusion.training.step import loss_after_dropout
 
 QUANTISED_BYTES = {"none": None, "fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
@@ -120,13 +122,17 @@ def step_loss(
     family: ModelFamily, batch: Batch, cfg: JobConfig, gen: torch.Generator, device: torch.device
 ) -> torch.Tensor:
     """:func:`eridiffusion.training.step.diffusion_loss` with no caption dropped: fake tensors cannot answer
-    which captions the dropout draw dropped (``drop.tolist()``), and dropout changes no tensor size."""
+    which captions the dropout draw dropped (``drop.tolist()``), and dropout changes no tensor size.
+    Output preservation's two extra forward passes are traced too."""
     torch.rand(len(batch), generator=gen)  # the dropout draw, so the later draws are the trainer's
 
     def conditioning() -> Conditioning:
         return dict(batch.cond) if batch.cond is not None else family.encode_prompt(batch.captions)
 
-    return loss_after_dropout(family, batch, cfg, gen, device, conditioning)
+    stage = single_stage_plan(cfg, family).config
+    dop = OutputPreservation.for_stage(cfg, stage, cfg.datasets, family)
+    extra = None if dop is None else functools.partial(dop.per_sample, family, batch.captions)
+    return loss_after_dropout(family, batch, cfg, gen, device, conditioning, extra)
 
 
 def _to_fake(

@@ -103,6 +103,11 @@ def estimate_images(
         if d.mask_path is not None and not Path(d.mask_path).is_dir():
             problems.append(f"{where}[{i}].mask_path: '{d.mask_path}' is not a folder of mask images")
         folder = Path(str(d.folder_path))
+        if d.class_prompt is not None:  # filled up to num_class_images by the base model at train time
+            images += max(found, d.num_class_images) * d.num_repeats
+            if folder.exists() and not folder.is_dir():
+                problems.append(f"{where}[{i}].folder_path: '{folder}' is a file; class images need a folder")
+            continue
         if found == 0 and not folder.is_dir() and d.synthetic is None:
             problems.append(f"{where}[{i}].folder_path: '{folder}' does not exist")
         elif found == 0 and d.synthetic is None:

@@ -18,6 +18,7 @@ from eridiffusion.training.loop import load_or_build
 from eridiffusion.training.losses import min_snr_problem
 from eridiffusion.training.pipeline import StagePlan, plan_stages, stage_parameter_counts
 from eridiffusion.training.preflight import preflight_problems
+from eridiffusion.training.preservation import describe as describe_preservation
 from eridiffusion.training.validation import planned_validation
 
 
@@ -53,7 +54,8 @@ def describe_plan(cfg: JobConfig) -> str:
         problems += stage_problems
     if problems:
         raise ConfigError("config problems:\n" + "\n".join(f"  {p}" for p in problems))
-    notes = planned_validation(cfg)[0] + _caption_notes(cfg, family) + mask_notes(cfg.datasets)
+    notes = planned_validation(cfg)[0] + describe_preservation(cfg) + _caption_notes(cfg, family)
+    notes += mask_notes(cfg.datasets)
     if cfg.pipeline is not None:
         return "\n".join([_describe_pipeline(cfg, family, plans), *notes])
 

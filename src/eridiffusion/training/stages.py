@@ -39,10 +39,12 @@ from eridiffusion.training.autoencoder import (
 from eridiffusion.training.bf16_weights import bf16_optimizer
 from eridiffusion.training.block_swap import BlockSwap, start_block_swap
 from eridiffusion.training.checkpoint import TrainState, atomic_write_dir
+from eridiffusion.training.class_images import fill_class_images
 from eridiffusion.training.ema import EMA
 from eridiffusion.training.engine import Engine
 from eridiffusion.training.optim import build_optimizer, eval_mode
 from eridiffusion.training.pipeline import StagePlan, stage_datasets
+from eridiffusion.training.preservation import OutputPreservation
 from eridiffusion.training.step import ParamGroup, diffusion_loss, optimizer_step, step_generator
 from eridiffusion.training.validation import Validator
 
@@ -91,6 +93,8 @@ class LiveStage:
     """``train.blocks_to_swap``'s hooks on the denoiser, removed by :meth:`end` once the stage is done."""
     validator: Validator | None = None
     """The stage's held-out images and how they are scored; None without any."""
+    preservation: OutputPreservation | None = None
+    """``train.diff_output_preservation`` on an adapter step."""
 
     def open_batches(self, start: int, num_workers: int, pin_memory: bool, per_step: int) -> None:
         """Micro-batches ``start`` onwards, up to the stage's last possible one (workers build them ahead)."""
@@ -295,7 +299,8 @@ def setup_stage(
     per_comp, disc = _unfreeze(cfg, family, plan, engine)  # on the host: casts, quantisation, adapters
     seed = cfg.train.seed + 1000 * plan.index
     datasets = stage_datasets(cfg, stage)
-    where = f"pipeline.steps[{plan.index}].datasets" if stage.datasets else "datasets"
+    where = "datasets" if plan.single or stage.datasets is None else f"pipeline.steps[{plan.index}].datasets"
+    fill_class_images(cfg, family, datasets, engine, where)  # before the data reads the class folders
     # held-out images never reach the training data; the split depends on the run seed, not the stage's
     split = split_datasets(datasets, sources or open_sources(datasets), cfg.train.seed, where)
     data = TrainingData(
@@ -328,6 +333,7 @@ def setup_stage(
         ]
     live = LiveStage(plan, groups, data, disc, None, offload, out_dir, block_swap=swap)
     live.validator = Validator.build(cfg, stage, split, family.size_multiple())
+    live.preservation = OutputPreservation.for_stage(cfg, stage, datasets, family)
     ema_cfg = stage.ema or cfg.train.ema
     if ema_cfg.enabled:
         live.ema = EMA(live.ema_params(), ema_cfg.decay, ema_cfg.warmup)
@@ -350,7 +356,10 @@ def train_step(
 
         def micro_loss(micro: int, part: int, parts: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             gen = step_generator(seed, state.stage_step, micro)  # every part draws the whole batch's noise
-            return diffusion_loss(family, batches[micro].part(part, parts), cfg, gen, engine.device), {}
+            batch, extra = batches[micro].part(part, parts), {}
+            loss = diffusion_loss(family, batch, cfg, gen, engine.device, live.preservation, extra)
+            # a piece's terms add up to the micro-batch's; the step averages metrics over pieces
+            return loss, {k: v * parts for k, v in extra.items()}
 
         smallest = min(len(b) for b in batches)
         metrics = optimizer_step(

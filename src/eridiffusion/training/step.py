@@ -13,6 +13,7 @@ last moment a non-finite step can still be refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from eridiffusion.models import Conditioning, ModelFamily
 from eridiffusion.training.engine import Engine
 from eridiffusion.training.losses import min_snr_weights, per_sample_loss
 from eridiffusion.training.noise import perturbed, shape_noise
+from eridiffusion.training.preservation import OutputPreservation
 from eridiffusion.training.schedules import ScheduleSettings, scheduled_lr
 
 logger = logging.getLogger(__name__)
@@ -54,25 +56,39 @@ def draw_noise(shape: tuple[int, ...], gen: torch.Generator, device: torch.devic
 
 
 def diffusion_loss(
-    family: ModelFamily, batch: Batch, cfg: JobConfig, gen: torch.Generator, device: torch.device
+    family: ModelFamily,
+    batch: Batch,
+    cfg: JobConfig,
+    gen: torch.Generator,
+    device: torch.device,
+    preservation: OutputPreservation | None = None,
+    metrics: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One micro-batch's loss: noise the images, predict, regress the objective's target.
 
     Random draws are made for every row of the whole micro-batch (``batch.global_size``) and this process
     keeps its rows, so a process's share of a batch is trained exactly as in a one-process run of the whole.
+    With ``preservation`` each row adds its output-preservation term (``train.diff_output_preservation``),
+    whose share of the loss is put in ``metrics["preservation_loss"]`` when ``metrics`` is given.
     """
     n = len(batch)
     n_all = batch.global_size or n
     rows = slice(batch.offset, batch.offset + n)
     drop = torch.rand(n_all, generator=gen)[rows] < batch.dropout_rates
+    kept = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
 
     def conditioning() -> Conditioning:
         if batch.cond is not None:
             return batch.cached_conditioning(drop, device)
-        kept = ["" if d else c for c, d in zip(batch.captions, drop.tolist(), strict=True)]
         return family.encode_prompt(kept)
 
-    return loss_after_dropout(family, batch, cfg, gen, device, conditioning)
+    preserve = None if preservation is None else functools.partial(preservation.per_sample, family, kept)
+    return loss_after_dropout(family, batch, cfg, gen, device, conditioning, preserve, metrics)
+
+
+ExtraLoss = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+"""(noisy input, timesteps, conditioning from the data) -> an extra loss per row, weighted by the rows'
+loss weights as the main loss is (output preservation)."""
 
 
 def loss_after_dropout(
@@ -82,6 +98,8 @@ def loss_after_dropout(
     gen: torch.Generator,
     device: torch.device,
     conditioning: Callable[[], Conditioning],
+    extra_loss: ExtraLoss | None = None,
+    metrics: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`diffusion_loss` after the caption-dropout draw; ``conditioning`` gives the batch's text
     conditioning when the step needs it (after the latents, as the memory plan traces it too)."""
@@ -104,8 +122,10 @@ def loss_after_dropout(
         target = dataclasses.replace(target, noisy=family.objective.make_target(x0, more, timesteps).noisy)
     cond = conditioning()
     size_cond = batch.size_conditioning()
+    extra: Conditioning = {}
     if size_cond is not None:  # SDXL's micro-conditioning; families without it ignore the entry
-        cond["size_conditioning"] = size_cond.to(device)
+        extra["size_conditioning"] = size_cond.to(device)
+    cond.update(extra)
     pred = family.predict(target.noisy, timesteps, cond)
     mask = None  # datasets' loss masks (data/masks.py), averaged down to the prediction's size
     if batch.loss_mask is not None:
@@ -116,10 +136,21 @@ def loss_after_dropout(
         losses = losses * weights.to(losses.device)
     if target.weight is not None:  # the objective's own weighting (flow matching's loss_weighting)
         losses = losses * target.weight.to(losses.device)
-    losses = losses * batch.loss_weights.to(losses.device)  # datasets[].loss_weight (e.g. for reg images)
+    weights = batch.loss_weights.to(losses.device)  # datasets[].loss_weight (e.g. for reg images)
+    losses = losses * weights
+    if extra_loss is not None:
+        more = extra_loss(target.noisy, timesteps, extra).to(losses.device) * weights
+        losses = losses + more
+        if metrics is not None:
+            metrics["preservation_loss"] = _batch_mean(more, batch).detach()
+    return _batch_mean(losses, batch)
+
+
+def _batch_mean(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The rows' share of the batch's mean loss: the mean, or for a process's share (or an out-of-memory
+    piece) its part of the whole batch's mean times the processes that average it back."""
     if batch.global_size is None:
         return losses.mean()
-    # the share's part of the whole batch's mean, times the processes that average it back
     return losses.sum() * (batch.shares / batch.global_size)
 
 
