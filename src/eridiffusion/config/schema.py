@@ -83,6 +83,19 @@ class NetworkConfig(Strict):
     dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout / LoHa-LoKr module dropout")
     lokr_factor: int = Field(default=-1, description="LoKr decompose factor (-1: automatic)")
     init_from: str | None = Field(default=None, description="adapter file to continue training from")
+    components: list[Literal["denoiser", "text_encoder"]] | None = Field(
+        default=None,
+        min_length=1,
+        description="what gets adapters (text_encoder: every text encoder); null: the denoiser, and the "
+        "text encoders too when train.train_text_encoder in a single-stage run",
+    )
+
+    def adapts(self, train_text_encoder: bool) -> tuple[bool, bool]:
+        """(denoiser, text encoders) adapted; ``train_text_encoder`` is the job's choice when
+        ``components`` is unset (a pipeline step passes False: its text encoders keep their weights)."""
+        if self.components is None:
+            return True, train_text_encoder
+        return "denoiser" in self.components, "text_encoder" in self.components
 
 
 class EMAConfig(Strict):

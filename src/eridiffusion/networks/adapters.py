@@ -116,11 +116,13 @@ def peft_config(cfg: NetworkConfig, targets: TargetSelection) -> PeftConfig:
 
 
 def inject(family: ModelFamily, cfg: NetworkConfig, train_text_encoder: bool) -> dict[str, TargetSelection]:
-    """Add adapters (initialised so the model's output is unchanged) to the denoiser and, optionally, the
-    text encoders; everything else stays frozen. Returns what was adapted per component."""
+    """Add adapters (initialised so the model's output is unchanged) to the denoiser and/or the text
+    encoders (``cfg.adapts``); everything else stays frozen. Returns what was adapted per component."""
+    denoiser, text = cfg.adapts(train_text_encoder)
     chosen: dict[str, TargetSelection] = {}
     for component, module in family.modules().items():
-        if not is_adaptable(component) or (component != "denoiser" and not train_text_encoder):
+        wanted = denoiser if component == "denoiser" else text
+        if not is_adaptable(component) or not wanted:
             continue
         targets = select_targets(module, cfg)
         if not targets.linear and not targets.conv:
@@ -132,6 +134,11 @@ def inject(family: ModelFamily, cfg: NetworkConfig, train_text_encoder: bool) ->
             continue
         inject_adapter_in_model(peft_config(cfg, targets), module, adapter_name=ADAPTER)
         chosen[component] = targets
+    if not chosen:
+        raise ValueError(
+            f"network.components {cfg.components}: no layer of the {family.arch} text encoders matches "
+            f"target={cfg.target!r} with only_if_contains={cfg.only_if_contains}"
+        )
     return chosen
 
 

@@ -84,13 +84,33 @@ def _data_problems(cfg: JobConfig, images: int) -> list[str]:
             f"train.batch_size: {t.batch_size} is larger than the {images} image(s) per epoch of the "
             f"datasets; set train.batch_size to at most {images} (or raise datasets[].num_repeats)"
         )
-    if single and t.train_text_encoder:
+    if single and t.train_text_encoder and (cfg.network is None or cfg.network.adapts(True)[1]):
         for i, d in enumerate(cfg.datasets):
             if d.cache_text_embeddings:
                 problems.append(
                     f"datasets[{i}].cache_text_embeddings: the text encoder is trained "
                     "(train.train_text_encoder: true), so its embeddings change every step; set "
                     "train.train_text_encoder: false or turn the cache off"
+                )
+    return problems + _text_adapter_cache_problems(cfg)
+
+
+def _text_adapter_cache_problems(cfg: JobConfig) -> list[str]:
+    """``network.components: [text_encoder]`` changes the text embeddings every step, like a trained text
+    encoder, so they cannot come from a cache."""
+    problems = []
+    jobs = [("network", cfg.network, cfg.datasets, "datasets")] if cfg.pipeline is None else []
+    for i, stage in enumerate(cfg.pipeline.steps if cfg.pipeline else []):
+        where = f"pipeline.steps[{i}].datasets" if stage.datasets else "datasets"
+        jobs.append((f"pipeline.steps[{i}].network", stage.network, stage.datasets or cfg.datasets, where))
+    for key, network, datasets, where in jobs:
+        if network is None or network.components is None or "text_encoder" not in network.components:
+            continue
+        for j, d in enumerate(datasets):
+            if d.cache_text_embeddings:
+                problems.append(
+                    f"{where}[{j}].cache_text_embeddings: {key}.components adapts the text encoders, so "
+                    "their embeddings change every step; turn the cache off or leave text_encoder out"
                 )
     return problems
 

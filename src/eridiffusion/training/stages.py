@@ -224,11 +224,13 @@ def _unfreeze(
     for comp in stage.trainable:
         if comp == "lora":
             assert stage.network is not None
-            text = t.train_text_encoder if plan.single else False
-            per_comp[comp] = attach_network(family, stage.network, text, seed=t.seed + plan.index)
-            for name in family.trainable_modules(text):
+            job_text = t.train_text_encoder if plan.single else False
+            per_comp[comp] = attach_network(family, stage.network, job_text, seed=t.seed + plan.index)
+            denoiser, text = stage.network.adapts(job_text)
+            adapted = set(family.trainable_modules(text)) - (set() if denoiser else {"denoiser"})
+            for name in adapted:
                 modules[name].train(True)
-            trained.add("denoiser")
+            trained |= adapted | {"denoiser"}  # backward runs through the denoiser to any adapter
         elif comp == "discriminator":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(t.seed + plan.index)
