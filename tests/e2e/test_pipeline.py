@@ -258,3 +258,36 @@ def test_an_epoch_step_runs_the_epochs_the_loader_counts(tmp_path: Path) -> None
     assert main(["train", str(write_yaml(tmp_path / "w.yaml", job))]) == 0
     summary = json.loads((tmp_path / "output" / "w" / "pipeline_summary.json").read_text())
     assert summary["diffusion"]["steps"] == 12  # 48 images x 2 / batch 8
+
+
+def test_a_text_encoder_only_lora_step_changes_the_text_encoder_alone(tmp_path: Path) -> None:
+    """``network.components: [text_encoder]`` in a pipeline step: the exported file holds text-encoder
+    adapters only, and merging it changes the final model's text encoder and nothing else."""
+    job = pipeline_job(tmp_path, name="te")
+    job["pipeline"]["steps"][2]["network"]["components"] = ["text_encoder"]
+    assert main(["train", str(write_yaml(tmp_path / "te.yaml", job))]) == 0
+    run = tmp_path / "output" / "te"
+    (adapter,) = (run / "stages" / "2-concept").glob("*.safetensors")
+    keys = list(load_file(adapter))
+    assert keys and all(k.startswith("lora_te") for k in keys), keys[:3]
+    before = {
+        f"{part}.{k}": v
+        for part in ("unet", "vae", "text_encoder")
+        for k, v in _weights(run / "stages" / "1-diffusion" / "model" / part).items()
+    }
+    after = _model_weights(run)
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"text_encoder"}
+
+
+def test_cached_text_embeddings_with_a_text_encoder_adapter_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    job = pipeline_job(tmp_path, name="tc")
+    concept = job["pipeline"]["steps"][2]
+    concept["network"]["components"] = ["text_encoder"]
+    concept["datasets"] = [{**job["datasets"][0], "cache_text_embeddings": True}]
+    assert main(["validate", str(write_yaml(tmp_path / "tc.yaml", job))]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "pipeline.steps[2].datasets[0].cache_text_embeddings" in err
+    assert "pipeline.steps[2].network.components adapts the text encoders" in err

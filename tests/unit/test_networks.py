@@ -201,3 +201,27 @@ def test_parse_adapter_arg() -> None:
     assert parse_adapter_arg("a/b.safetensors:0.6") == (Path("a/b.safetensors"), 0.6)
     assert parse_adapter_arg("a/b.safetensors:-1") == (Path("a/b.safetensors"), -1.0)
     assert parse_adapter_arg("C:/x.safetensors") == (Path("C:/x.safetensors"), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("components", "train_text_encoder", "expected"),
+    [
+        (None, False, {"denoiser"}),
+        (None, True, {"denoiser", "text_encoder"}),
+        (["denoiser"], True, {"denoiser"}),
+        (["text_encoder"], False, {"text_encoder"}),
+        (["denoiser", "text_encoder"], False, {"denoiser", "text_encoder"}),
+    ],
+)
+def test_network_components_choose_what_gets_adapters(
+    components: list[str] | None, train_text_encoder: bool, expected: set[str]
+) -> None:
+    family = _family()
+    params = attach_network(family, NetworkConfig(linear=2, components=components), train_text_encoder)
+    assert {name.split(".")[0] for name in params} == expected
+
+
+def test_a_text_encoder_component_that_matches_no_layer_is_an_error() -> None:
+    cfg = NetworkConfig(linear=2, components=["text_encoder"], only_if_contains=["no_such_layer"])
+    with pytest.raises(ValueError, match=r"network.components \['text_encoder'\]: no layer"):
+        attach_network(_family(), cfg, False)
