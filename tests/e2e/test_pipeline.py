@@ -260,16 +260,23 @@ def test_an_epoch_step_runs_the_epochs_the_loader_counts(tmp_path: Path) -> None
     assert summary["diffusion"]["steps"] == 12  # 48 images x 2 / batch 8
 
 
-def test_a_text_encoder_only_lora_step_changes_the_text_encoder_alone(tmp_path: Path) -> None:
-    """``network.components: [text_encoder]`` in a pipeline step: the exported file holds text-encoder
-    adapters only, and merging it changes the final model's text encoder and nothing else."""
+def test_a_text_encoder_only_lora_step_changes_the_text_encoder_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``network.components: [text_encoder]`` in a pipeline step: the plan counts its parameters, the
+    exported file holds text-encoder adapters only, and merging it changes the text encoder alone."""
     job = pipeline_job(tmp_path, name="te")
     job["pipeline"]["steps"][2]["network"]["components"] = ["text_encoder"]
-    assert main(["train", str(write_yaml(tmp_path / "te.yaml", job))]) == 0
+    config = write_yaml(tmp_path / "te.yaml", job)
+    assert main(["validate", str(config)]) == 0
+    planned = capsys.readouterr().out
+    assert main(["train", str(config)]) == 0
     run = tmp_path / "output" / "te"
     (adapter,) = (run / "stages" / "2-concept").glob("*.safetensors")
-    keys = list(load_file(adapter))
-    assert keys and all(k.startswith("lora_te") for k in keys), keys[:3]
+    tensors = load_file(adapter)
+    assert tensors and all(k.startswith("lora_te") for k in tensors), list(tensors)[:3]
+    trained = sum(v.numel() for k, v in tensors.items() if not k.endswith(".alpha"))
+    assert f"trains lora: {trained:,} params" in planned
     before = {
         f"{part}.{k}": v
         for part in ("unet", "vae", "text_encoder")

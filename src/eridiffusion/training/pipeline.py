@@ -23,6 +23,7 @@ from eridiffusion.data.folder import IMAGE_EXTENSIONS, beside_masks
 from eridiffusion.data.validation import held_out_count
 from eridiffusion.models import ModelFamily
 from eridiffusion.networks.adapters import lora_parameter_count
+from eridiffusion.networks.formats import is_adaptable
 from eridiffusion.training.autoencoder import PatchDiscriminator
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,12 @@ def stage_parameter_counts(family: ModelFamily, stage: StageConfig) -> dict[str,
     for comp in stage.trainable:
         if comp == "lora":
             assert stage.network is not None
-            counts[comp] = lora_parameter_count(family.modules()["denoiser"], stage.network)
+            denoiser, text = stage.network.adapts(False)  # a pipeline step adapts what components says
+            counts[comp] = sum(
+                lora_parameter_count(module, stage.network)
+                for name, module in family.modules().items()
+                if is_adaptable(name) and (denoiser if name == "denoiser" else text)
+            )
         elif comp == "discriminator":
             counts[comp] = sum(
                 p.numel() for p in PatchDiscriminator(stage.autoencoder.disc_channels).parameters()
