@@ -56,8 +56,13 @@ def test_split_follows_file_names_not_folder_location(shapes: Path, tmp_path: Pa
 
 def test_validation_set_is_read_without_augmentation(shapes: Path) -> None:
     cfg = DatasetConfig(
-        folder_path=str(shapes), resolution=16, validation_split=0.25, flip_x=True, caption_dropout_rate=0.5,
-        num_repeats=3, shuffle_tokens=True,
+        folder_path=str(shapes),
+        resolution=16,
+        validation_split=0.25,
+        flip_x=True,
+        caption_dropout_rate=0.5,
+        num_repeats=3,
+        shuffle_tokens=True,
     )
     split = split_datasets([cfg], open_sources([cfg]), 0)
     val = split.val[0]

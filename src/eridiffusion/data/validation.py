@@ -131,4 +131,3 @@ def split_datasets(
         out.val_sources.append(_subset(src, sorted(held)))
         out.val_names.append(f"{where}[{i}] held out ({len(held)} of {len(src)} images)")
     return out
-

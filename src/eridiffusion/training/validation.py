@@ -114,9 +114,7 @@ class Validator:
     """Encoded images by batch, kept while no image encoder trains (they cannot change then)."""
 
     @classmethod
-    def build(
-        cls, cfg: JobConfig, stage: StageConfig, split: Split, size_multiple: int
-    ) -> Validator | None:
+    def build(cls, cfg: JobConfig, stage: StageConfig, split: Split, size_multiple: int) -> Validator | None:
         """The stage's validator, or None when it has no validation images or is not a diffusion stage."""
         if not split.val or stage.kind != "diffusion":
             return None
