@@ -11,7 +11,6 @@ runs are printed too: block swap must not change them.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
+from report import emit  # bench/report.py, beside this script
 
 from eridiffusion.training.block_swap import BlockSwap
 
@@ -134,10 +134,7 @@ def main() -> int:
         "runs": results,
         "same_losses": results[0]["losses"] == results[1]["losses"],
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(report, args.out)
     return 0
 
 

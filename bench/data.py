@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
+from report import emit  # bench/report.py, beside this script
 
 from eridiffusion.config.schema import DatasetConfig, JobConfig
 from eridiffusion.data import loader as loader_module
@@ -172,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "loading_photos": bench_loading(root / "photos", 512, 64, 4, args.workers),
             "training_tiny": bench_training(root, root / "small", args.steps, args.batch_size, args.rounds),
         }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(result, args.out)
     return 0
 
 

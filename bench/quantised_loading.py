@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit  # bench/report.py, beside this script
 
 MB = 2**20
 
@@ -129,10 +130,7 @@ def main() -> int:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(report, args.out)
     return 0
 
 

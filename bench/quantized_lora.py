@@ -12,12 +12,12 @@ Also reports the denoiser's stored bytes per kind.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from report import emit  # bench/report.py, beside this script
 
 from eridiffusion.config import validate_config
 from eridiffusion.data.shapes import write_shapes_dataset
@@ -101,10 +101,7 @@ def main() -> int:
         "torch": torch.__version__,
         "results": results,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(report, args.out)
     return 0
 
 

@@ -15,7 +15,6 @@ example's per-step ``loss.item()``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import emit  # bench/report.py, beside this script
 
 from eridiffusion.config import validate_config
 from eridiffusion.data.shapes import write_shapes_dataset
@@ -155,10 +155,7 @@ def main() -> int:
             "of_medians": statistics.median(times["ours"]) / statistics.median(times["diffusers"]),
         },
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(result, args.out)
     return 0
 
 

@@ -9,9 +9,9 @@ Real-size presets use random weights: speed and memory do not depend on the valu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
+
+from report import emit  # bench/report.py, beside this script
 
 from eridiffusion.training.bench import as_dict, run_bench
 
@@ -63,10 +63,7 @@ def main() -> int:
             )
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory on a small device: record, go on
             results.append({"arch": arch, "options": options, "error": f"{type(exc).__name__}: {exc}"[:500]})
-    text = json.dumps({"benchmark": "train_step", "results": results}, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit({"benchmark": "train_step", "results": results}, args.out)
     return 0
 
 
