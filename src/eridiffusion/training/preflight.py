@@ -99,7 +99,8 @@ def _text_adapter_cache_problems(cfg: JobConfig) -> list[str]:
     """``network.components: [text_encoder]`` changes the text embeddings every step, like a trained text
     encoder, so they cannot come from a cache."""
     problems = []
-    jobs = [("network", cfg.network, cfg.datasets, "datasets")] if cfg.pipeline is None else []
+    single = cfg.pipeline is None and not cfg.train.train_text_encoder  # else reported as a trained encoder
+    jobs = [("network", cfg.network, cfg.datasets, "datasets")] if single else []
     for i, stage in enumerate(cfg.pipeline.steps if cfg.pipeline else []):
         where = f"pipeline.steps[{i}].datasets" if stage.datasets else "datasets"
         jobs.append((f"pipeline.steps[{i}].network", stage.network, stage.datasets or cfg.datasets, where))
