@@ -22,6 +22,7 @@ from tests.conftest import TINY_OPTIONS
 
 FAMILIES = {
     "tiny": lambda: build_family("tiny", TINY_OPTIONS, seed=0),
+    "tiny_pooled_text": lambda: build_family("tiny", {**TINY_OPTIONS, "pooled_text": True}, seed=0),
     "sd15": lambda: build_family("sd15", {"preset": "tiny"}, seed=0),
     "sdxl": lambda: build_family("sdxl", {"preset": "tiny"}, seed=0),
     "sd3": lambda: build_family("sd3", {"preset": "tiny"}, seed=0),

@@ -50,6 +50,10 @@ class TinyOptions(BaseModel):
         default=[False, True, True], description="cross-attention at each UNet level (attention resolutions)"
     )
     attention_head_dim: int = Field(default=8, ge=1)
+    pooled_text: bool = Field(
+        default=False,
+        description="also add the attention-pooled prompt to the timestep embedding (every ResNet block)",
+    )
     norm_num_groups: int = Field(default=8, ge=1)
     context_dim: int = Field(default=64, ge=8, description="text encoder width = cross-attention dim")
     text_layers: int = Field(default=2, ge=1)
@@ -305,6 +309,9 @@ def _unet_kwargs(o: TinyOptions) -> dict[str, Any]:
         "cross_attention_dim": o.context_dim,
         "attention_head_dim": o.attention_head_dim,
         "norm_num_groups": o.norm_num_groups,
+        # DeepFloyd IF's global path: the prompt, attention-pooled, joins the timestep embedding, so every
+        # ResNet block at every resolution is modulated by it, not only the levels with cross-attention
+        **({"addition_embed_type": "text", "addition_embed_type_num_heads": o.text_heads} if o.pooled_text else {}),
     }
 
 
