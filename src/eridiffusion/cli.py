@@ -242,11 +242,13 @@ def print_pipeline_summary(run_dir: Path) -> None:
     """One line per pipeline step: its length, time, last metrics and, where scored, prompt adherence."""
     summary = json.loads((run_dir / "pipeline_summary.json").read_text(encoding="utf-8"))
     for name, s in summary.items():
-        scores = ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in s.items() if k.startswith("eval_"))
         finals = ", ".join(f"{k[6:]} {v:.4f}" for k, v in s.items() if k.startswith("final_"))
         print(f"  {name}: {s['steps']} steps in {s['seconds']:.0f} s; {finals}")
-        if scores:
-            print(f"    prompt adherence ({run_dir / 'stages'}/*-{name}/eval.json): {scores}")
+        for prefix, what in (("eval_", "prompt adherence"), ("recon_", "reconstructions against captions")):
+            cut = len(prefix)
+            scores = ", ".join(f"{k[cut:]} {100 * v:.1f}%" for k, v in s.items() if k.startswith(prefix))
+            if scores:
+                print(f"    {what} ({run_dir / 'stages'}/*-{name}/eval.json): {scores}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eridiffusion.cli import EXIT_USER_ERROR, main
+from eridiffusion.cli import EXIT_USER_ERROR, main, print_pipeline_summary
 from eridiffusion.training import loop
 from tests.conftest import TINY_OPTIONS, tiny_job, write_yaml
 
@@ -298,3 +298,37 @@ def test_cached_text_embeddings_with_a_text_encoder_adapter_are_refused(
     err = capsys.readouterr().err
     assert "pipeline.steps[2].datasets[0].cache_text_embeddings" in err
     assert "pipeline.steps[2].network.components adapts the text encoders" in err
+
+
+def test_an_autoencoder_steps_eval_scores_its_reconstructions_against_the_captions(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A codec that draws one colour as another fails every later prompt for it; the step's eval shows it
+    before any diffusion training, next to the same classifier's score on the source images."""
+    job = pipeline_job(
+        tmp_path,
+        steps=[
+            {
+                "name": "ae",
+                "kind": "autoencoder",
+                "trainable": ["vae"],
+                "max_steps": 2,
+                "eval": {"images_per_prompt": 1},
+            }
+        ],
+    )
+    assert main(["train", str(write_yaml(tmp_path / "p.yaml", job))]) == 0
+    run = tmp_path / "output" / "p"
+    report = json.loads((run / "stages" / "0-ae" / "eval.json").read_text())
+    assert report["n"] == 48  # the whole 48-image set (up to 96 are scored)
+    captions = {f.read_text(encoding="utf-8").strip() for f in (tmp_path / "shapes").glob("*.txt")}
+    assert {r["prompt"] for r in report["per_prompt"]} <= captions
+    assert report["source_images"]["colour"] > 0.9  # the classifier reads the sources; the codec is the test
+    assert 0 <= report["colour_accuracy"] <= 1 and report["mse"] > 0
+    assert (run / "stages" / "0-ae" / "eval_grid.png").is_file()
+    summary = json.loads((run / "pipeline_summary.json").read_text())
+    assert summary["ae"]["recon_colour"] == report["colour_accuracy"]
+    assert not any(k.startswith("eval_") for k in summary["ae"])  # not prompt adherence: nothing generated
+    capsys.readouterr()
+    print_pipeline_summary(run)
+    assert "reconstructions against captions" in capsys.readouterr().out

@@ -24,8 +24,9 @@ def _prediction_spread(pooled: bool) -> float:
         m.eval()
     shape = fam.latent_shape(16, 16)
     noisy = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
+    cond = fam.encode_prompt(["a red circle", "a blue square"])
     with torch.no_grad():
-        out = fam.predict(noisy, torch.tensor([500, 500]), fam.encode_prompt(["a red circle", "a blue square"]))
+        out = fam.predict(noisy, torch.tensor([500, 500]), cond)
     return float((out[0] - out[1]).abs().max())
 
 

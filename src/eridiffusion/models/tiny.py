@@ -297,6 +297,7 @@ def _unet_kwargs(o: TinyOptions) -> dict[str, Any]:
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in o.attention_levels]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(o.attention_levels)]
     channels = o.input_channels
+    pooled = o.pooled_text
     return {
         "sample_size": o.resolution // o.input_factor,
         "in_channels": channels,
@@ -311,7 +312,7 @@ def _unet_kwargs(o: TinyOptions) -> dict[str, Any]:
         "norm_num_groups": o.norm_num_groups,
         # DeepFloyd IF's global path: the prompt, attention-pooled, joins the timestep embedding, so every
         # ResNet block at every resolution is modulated by it, not only the levels with cross-attention
-        **({"addition_embed_type": "text", "addition_embed_type_num_heads": o.text_heads} if o.pooled_text else {}),
+        **({"addition_embed_type": "text", "addition_embed_type_num_heads": o.text_heads} if pooled else {}),
     }
 
 

@@ -22,7 +22,14 @@ from eridiffusion.config.schema import VAL_METRIC, GroupConfig, JobConfig, Optim
 from eridiffusion.data.cache import EncoderOffload, encoder_names, prepare_caches
 from eridiffusion.data.loader import Batch, ImageSource, TrainingData, open_sources
 from eridiffusion.data.validation import split_datasets
-from eridiffusion.inference.evaluate import EvalSettings, evaluate_into, prompts_path, read_prompts
+from eridiffusion.inference.evaluate import (
+    RECONSTRUCTION_IMAGES,
+    EvalSettings,
+    evaluate_into,
+    evaluate_reconstructions,
+    prompts_path,
+    read_prompts,
+)
 from eridiffusion.models import ModelFamily
 from eridiffusion.models.quantize import quantised_layers, quantize_module, weight_bytes
 from eridiffusion.models.stable_diffusion import STORAGE_DTYPES
@@ -491,11 +498,32 @@ def finish_stage(
 
 
 def evaluate_stage(cfg: JobConfig, family: ModelFamily, live: LiveStage, engine: Engine) -> dict[str, float]:
-    """Prompt adherence of the step's result; the report and grid go beside the step's model."""
+    """Prompt adherence of the step's result as ``eval_*`` scores, or for an autoencoder step its
+    reconstructions against their captions as ``recon_*``; the report and grid go beside the step's model."""
     e = live.plan.config.eval
     assert e is not None
-    path = prompts_path(e, stage_datasets(cfg, live.plan.config))
-    settings = EvalSettings.from_config(e)
-    report = evaluate_into(family, path, read_prompts(path), settings, engine.device, live.out_dir)
+    if live.plan.config.kind == "autoencoder":
+        pixels, captions = reconstruction_batch(live.data, RECONSTRUCTION_IMAGES)
+        report = evaluate_reconstructions(family, pixels.to(engine.device), captions, live.out_dir)
+    else:
+        path = prompts_path(e, stage_datasets(cfg, live.plan.config))
+        settings = EvalSettings.from_config(e)
+        report = evaluate_into(family, path, read_prompts(path), settings, engine.device, live.out_dir)
+    prefix = "recon" if live.plan.config.kind == "autoencoder" else "eval"
     scores = {k: report[f"{k}_accuracy"] for k in ("colour", "shape", "both")}
-    return {f"eval_{k}": v for k, v in scores.items() if v is not None}
+    return {f"{prefix}_{k}": v for k, v in scores.items() if v is not None}
+
+
+def reconstruction_batch(data: TrainingData, limit: int) -> tuple[torch.Tensor, list[str]]:
+    """The first ``limit`` images of the step's data in its fixed batch order (the ones the latent
+    statistics were measured on), with their captions."""
+    pixels: list[torch.Tensor] = []
+    captions: list[str] = []
+    for k in range(data.batches_per_epoch):
+        batch = data.batch(k)
+        assert batch.pixels is not None  # an autoencoder step never caches latents
+        pixels.append(batch.pixels)
+        captions += batch.captions
+        if len(captions) >= limit:
+            break
+    return torch.cat(pixels)[:limit], captions[:limit]
