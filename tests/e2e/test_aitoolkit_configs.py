@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from eridiffusion.cli import EXIT_USER_ERROR, main
 from eridiffusion.config import load_config
@@ -169,11 +170,11 @@ def test_train_refuses_int4_before_loading(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "output").exists()  # refused before anything ran
 
 
-def test_train_runs_an_aitoolkit_job_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`eri train` takes the job file itself (here on the tiny family, built from scratch, on the CPU)."""
+def tiny_job_file(tmp_path: Path) -> dict:
+    """An ai-toolkit LoRA job file for the tiny family (built from scratch, on the CPU), 2 steps."""
     from tests.conftest import TINY_OPTIONS
 
-    job = {
+    return {
         "job": "extension",
         "config": {
             "name": "aitk_tiny",
@@ -211,10 +212,64 @@ def test_train_runs_an_aitoolkit_job_file(tmp_path: Path, capsys: pytest.Capture
         },
         "meta": {"name": "[name]", "version": "1.0"},
     }
+
+
+def test_train_runs_an_aitoolkit_job_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`eri train` takes the job file itself."""
     path = tmp_path / "aitk.yaml"
-    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    path.write_text(yaml.safe_dump(tiny_job_file(tmp_path)), encoding="utf-8")
     assert main(["train", str(path)]) == 0
     out = capsys.readouterr()
     assert "config.process[0].train.optimizer -> train.optimizer.type = 'adamw'" in out.err
     assert "trained aitk_tiny: 2 steps" in out.out
     assert (tmp_path / "output" / "aitk_tiny" / "aitk_tiny.safetensors").is_file()
+
+
+def test_train_unet_false_trains_a_text_encoder_adapter(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """ai-toolkit's ``train_unet: false`` + ``train_text_encoder: true`` is eri's
+    ``network.components: [text_encoder]``: the saved LoRA has text-encoder weights only."""
+    job = tiny_job_file(tmp_path)
+    job["config"]["process"][0]["train"].update(train_unet=False, train_text_encoder=True)
+    path = tmp_path / "aitk.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    assert load_config(path).network.components == ["text_encoder"]
+    assert main(["train", str(path)]) == 0
+    assert "train.train_unet -> network.components = ['text_encoder']" in capsys.readouterr().err
+    keys = load_file(tmp_path / "output" / "aitk_tiny" / "aitk_tiny.safetensors").keys()
+    assert keys and all(k.startswith("lora_te") for k in keys)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train_unet": False}, "train_text_encoder unset or false would train nothing"),  # ai-toolkit: off
+        ({"train_unet": False, "train_text_encoder": False}, "set train_text_encoder: true"),
+        ({"train_unet": "no"}, "takes true or false, got 'no'"),
+    ],
+)
+def test_train_unet_false_that_would_train_nothing_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, change: dict, message: str
+) -> None:
+    job = tiny_job_file(tmp_path)
+    job["config"]["process"][0]["train"].update(change)
+    path = tmp_path / "aitk.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    assert main(["validate", str(path)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "config.process[0].train.train_unet: " in err and message in err
+
+
+def test_train_unet_false_without_an_adapter_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    job = tiny_job_file(tmp_path)
+    del job["config"]["process"][0]["network"]
+    job["config"]["process"][0]["train"].update(train_unet=False, train_text_encoder=True)
+    path = tmp_path / "aitk.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    assert main(["validate", str(path)]) == EXIT_USER_ERROR
+    assert "train_unet: false trains only the text encoders, which eri does with an adapter" in (
+        capsys.readouterr().err
+    )

@@ -194,6 +194,17 @@ def _switch(on: str, off: str, what: str) -> Any:
     return convert
 
 
+def _train_unet(t: Translation, src: str, section: str, value: Any) -> None:
+    """``train_unet: false`` (with ``train_text_encoder: true``) trains an adapter on the text encoders only:
+    eri's ``network.components: [text_encoder]``, set in :func:`_finish` once the network section is known."""
+    if value is True:
+        t.notes.append(f"{src}: True is what eri does anyway")
+    elif value is False:
+        t.text_encoder_only = src
+    else:
+        t.refuse(src, f"takes true or false, got {value!r}")
+
+
 UI = "ai-toolkit UI bookkeeping"
 NO_SAMPLE_FIRST = "eri samples every sample.every steps and at the end, never before training"
 
@@ -220,7 +231,7 @@ TRAIN_KEYS: dict[str, Handler] = {
     "gradient_accumulation": move("gradient_accumulation_steps"),
     "ema_config": _ema,
     "dtype": move("mixed_precision", lambda v: MIXED_PRECISION[lookup(DTYPES, "dtype")(v)]),
-    "train_unet": only(True, "eri always trains the denoiser (or its adapter); set train_unet: true"),
+    "train_unet": _train_unet,
     "noise_scheduler": cosmetic("the model family fixes its noise objective (flow matching for sd3/flux)"),
     "timestep_type": _timestep_type,
     "content_or_style": only("balanced", "no equivalent; use model.options.timestep_sampling instead"),
@@ -358,7 +369,7 @@ def translate_native(data: dict[str, Any]) -> Translation:
             _datasets(t, key, value, strict=False)
         else:
             t.put(key, key, value, note=False)
-    _finish(t)
+    _finish(t, foreign=False)
     return t
 
 
@@ -416,13 +427,23 @@ def translate_aitoolkit(data: dict[str, Any]) -> Translation:
         for key, value in meta.items():
             text = str(value).replace("[name]", str(config.get("name", "")))
             t.put(f"meta.{key}", f"save.metadata.{key}", text)
-    _finish(t)
+    _finish(t, foreign=True)
     return t
 
 
-def _finish(t: Translation) -> None:
+def _finish(t: Translation, foreign: bool) -> None:
     if t.disable_sampling:
         t.out.setdefault("sample", {})["prompts"] = []
+    if t.text_encoder_only is not None:
+        src = t.text_encoder_only
+        if not isinstance(t.out.get("network"), dict):
+            t.refuse(src, "false trains only the text encoders, which eri does with an adapter: add a "
+                     "network section, or set train_unet: true for a full fine-tune")  # fmt: skip
+        elif t.out.get("train", {}).get("train_text_encoder", not foreign) is not True:  # ai-toolkit: off
+            t.refuse(src, "false with train_text_encoder unset or false would train nothing; set "
+                     "train_text_encoder: true to train a text-encoder adapter")  # fmt: skip
+        else:
+            t.put(src, "network.components", ["text_encoder"])
     for key in [k for k, v in t.out.items() if v == {} and k in SECTIONS and k != "network"]:
         del t.out[key]
 

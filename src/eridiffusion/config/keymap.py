@@ -68,6 +68,9 @@ class Translation:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     disable_sampling: bool = False
+    text_encoder_only: str | None = None
+    """The source key (``train_unet: false``) asking for an adapter on the text encoders alone; resolved
+    once the whole file is read, since the network section may come after it."""
     sources: dict[str, str] = field(default_factory=dict)
     """eri path -> the source key that set it, to catch an alias and its canonical key both given."""
 
