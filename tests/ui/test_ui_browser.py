@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+import yaml
 
 from eridiffusion.ui import UISettings, create_ui_app
 from tests.ui.helpers import job_config, wait_for
@@ -55,7 +56,13 @@ def ui_url(tmp_path: Path) -> Iterator[str]:
     (after the browser has quit: the server waits for open connections)."""
     _browser()  # skip before starting anything
     sample = {"prompts": ["a red circle", "a blue square"], "steps": 4, "images_per_prompt": 2, "every": 30}
-    job_config(tmp_path, steps=300, train={"lr_warmup_steps": 20, "lr_scheduler": "cosine"}, sample=sample)
+    path = job_config(
+        tmp_path, steps=300, train={"lr_warmup_steps": 20, "lr_scheduler": "cosine"}, sample=sample
+    )
+    job = yaml.safe_load(path.read_text(encoding="utf-8"))  # validation loss too: its curve shares the chart
+    job["datasets"][0]["validation_split"] = 0.125
+    job["validation"] = {"every": 50}
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
     settings = UISettings(
         runs=tmp_path / "output",
         configs=tmp_path / "configs",
@@ -139,6 +146,8 @@ def test_start_watch_stop_and_resume_a_job_in_the_browser(ui_url: str, browser: 
         page = {css: text(css) for css in ("#run-status", "#validate-output", "#run-error", "#jobs", "#log")}
         raise AssertionError(f"{exc}; the page shows {page}") from None
     wait_for(lambda: points() >= 300 > stopped_at, 20, "the whole loss curve")
+    legend = text("figure:has(#loss-chart) .legend")
+    assert "loss" in legend and "val/loss" in legend  # training and validation curves, named
     assert "model" in text("#downloads")
     assert "finished" in text("#runs tbody")
     browser.execute_script("window.scrollTo(0, 0)")

@@ -156,7 +156,8 @@ function drawCharts() {
   });
   const loss = chartSeries(rows, (r) => {
     const key = "loss" in r ? "loss" : "rec_loss" in r ? "rec_loss" : null;
-    return key ? [[r.stage ? `${r.stage} ${key}` : key, r[key]]] : [];
+    // validation rows (val/loss, every validation.every steps) share the chart: the gap is the overfit
+    return [key, "val/loss"].filter((k) => k && k in r).map((k) => [r.stage ? `${r.stage} ${k}` : k, r[k]]);
   });
   const lr = chartSeries(rows, (r) =>
     Object.entries(r).filter(([k]) => k === "lr" || k.startsWith("lr/")).map(([k, v]) => [r.stage ? `${r.stage} ${k}` : k, v]));
