@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from eridiffusion.config.schema import DatasetConfig, EvalConfig
 from eridiffusion.data.shapes import PROMPTS_FILE, score_images
 from eridiffusion.inference.generate import GenerateRequest, make_grid, sample, to_pil, upscale_nearest
+from eridiffusion.inference.generator import pil_to_pixels
 from eridiffusion.models.protocol import ModelFamily
 
 
@@ -118,7 +118,9 @@ def evaluate_reconstructions(
     report = score_images(recon, captions)
     source_scores = score_images(sources, captions)
     report["source_images"] = {k: source_scores[f"{k}_accuracy"] for k in ("colour", "shape", "both")}
-    report["mse"] = float(((to_tensor(recon) - to_tensor(sources)) ** 2).mean())
+    # on the 8-bit images as saved, with the one PIL -> [-1, 1] conversion the package has
+    saved = [torch.stack([pil_to_pixels(im, *im.size) for im in images]) for images in (recon, sources)]
+    report["mse"] = float(((saved[0] - saved[1]) ** 2).mean())
     blank = [Image.new("RGB", sources[0].size)] * columns  # pads a short last row: pairs stay aligned
     rows: list[Image.Image] = []
     for start in range(0, len(sources), columns):
@@ -129,8 +131,3 @@ def evaluate_reconstructions(
     report["grid"] = str(out_dir / "eval_grid.png")
     (out_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report
-
-
-def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """8-bit images as one float tensor in [-1, 1], so the error is measured on what was saved."""
-    return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images]) / 127.5 - 1

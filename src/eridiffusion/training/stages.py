@@ -505,11 +505,12 @@ def evaluate_stage(cfg: JobConfig, family: ModelFamily, live: LiveStage, engine:
     if live.plan.config.kind == "autoencoder":
         pixels, captions = reconstruction_batch(live.data, RECONSTRUCTION_IMAGES)
         report = evaluate_reconstructions(family, pixels.to(engine.device), captions, live.out_dir)
+        prefix = "recon"
     else:
         path = prompts_path(e, stage_datasets(cfg, live.plan.config))
         settings = EvalSettings.from_config(e)
         report = evaluate_into(family, path, read_prompts(path), settings, engine.device, live.out_dir)
-    prefix = "recon" if live.plan.config.kind == "autoencoder" else "eval"
+        prefix = "eval"
     scores = {k: report[f"{k}_accuracy"] for k in ("colour", "shape", "both")}
     return {f"{prefix}_{k}": v for k, v in scores.items() if v is not None}
 
