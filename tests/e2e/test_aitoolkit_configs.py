@@ -225,6 +225,22 @@ def test_train_runs_an_aitoolkit_job_file(tmp_path: Path, capsys: pytest.Capture
     assert (tmp_path / "output" / "aitk_tiny" / "aitk_tiny.safetensors").is_file()
 
 
+def test_text_encoders_are_left_alone_unless_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """ai-toolkit trains no text encoder unless ``train_text_encoder: true`` (eri's own default is on): a job
+    file without the key must give a LoRA without text-encoder weights, and say so."""
+    path = tmp_path / "aitk.yaml"
+    path.write_text(yaml.safe_dump(tiny_job_file(tmp_path)), encoding="utf-8")
+    assert load_config(path).train.train_text_encoder is False
+    assert main(["train", str(path)]) == 0
+    assert "train.train_text_encoder: unset, so False as in ai-toolkit" in capsys.readouterr().err
+    keys = load_file(tmp_path / "output" / "aitk_tiny" / "aitk_tiny.safetensors").keys()
+    assert keys and not any(k.startswith("lora_te") for k in keys)
+    job = tiny_job_file(tmp_path)
+    job["config"]["process"][0]["train"]["train_text_encoder"] = True
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    assert load_config(path).train.train_text_encoder is True
+
+
 def test_train_unet_false_trains_a_text_encoder_adapter(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

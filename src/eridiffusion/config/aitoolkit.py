@@ -432,6 +432,8 @@ def translate_aitoolkit(data: dict[str, Any]) -> Translation:
 
 
 def _finish(t: Translation, foreign: bool) -> None:
+    """What needs the whole file read: sampling switched off, a text-encoder-only adapter, and ai-toolkit's
+    defaults where they differ from eri's (an ai-toolkit LoRA leaves the text encoders alone unless asked)."""
     if t.disable_sampling:
         t.out.setdefault("sample", {})["prompts"] = []
     if t.text_encoder_only is not None:
@@ -444,6 +446,10 @@ def _finish(t: Translation, foreign: bool) -> None:
                      "train_text_encoder: true to train a text-encoder adapter")  # fmt: skip
         else:
             t.put(src, "network.components", ["text_encoder"])
+    train = t.out.setdefault("train", {})
+    if foreign and "train_text_encoder" not in train:
+        train["train_text_encoder"] = False
+        t.notes.append("train.train_text_encoder: unset, so False as in ai-toolkit (eri's own default is True)")
     for key in [k for k, v in t.out.items() if v == {} and k in SECTIONS and k != "network"]:
         del t.out[key]
 
