@@ -449,7 +449,7 @@ def _finish(t: Translation, foreign: bool) -> None:
     train = t.out.setdefault("train", {})
     if foreign and "train_text_encoder" not in train:
         train["train_text_encoder"] = False
-        t.notes.append("train.train_text_encoder: unset, so False as in ai-toolkit (eri's own default is True)")
+        t.notes.append("train.train_text_encoder: unset, so False as in ai-toolkit (eri's default is True)")
     for key in [k for k, v in t.out.items() if v == {} and k in SECTIONS and k != "network"]:
         del t.out[key]
 
