@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: quickstart test test-slow lint bench
+.PHONY: quickstart test test-slow lint bench screenshot
 
 $(BIN)/eri: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(BIN)/eri
 # the multi-process and other slow end-to-end tests (CI runs them after `make test`)
 test-slow: $(BIN)/eri
 	$(BIN)/python -m pytest -q -m slow
+
+# rewrites docs/ui.png (the README's eri ui picture) from the browser test; needs chromium + chromedriver
+screenshot: $(BIN)/eri
+	ERI_UI_SCREENSHOT=docs/ui.png $(BIN)/python -m pytest -q tests/ui/test_ui_browser.py
 
 lint: $(BIN)/eri
 	$(BIN)/ruff check src tests bench

@@ -1,6 +1,6 @@
 """eri ui in a real headless browser (Debian's chromium + chromedriver, driven by Selenium): start a tiny
 job from the page, watch the loss curve grow and a sample grid appear, stop it, resume it; the screenshot
-the README shows (docs/ui.png) is taken here.
+the README shows (docs/ui.png) is taken here when ``ERI_UI_SCREENSHOT`` names it (``make screenshot``).
 
 Skipped, with the reason printed, where chromium, chromedriver or selenium is missing; ``.ci/run``
 installs them so CI always runs it (``apt-get install chromium chromium-driver``).
@@ -24,7 +24,9 @@ import yaml
 from eridiffusion.ui import UISettings, create_ui_app
 from tests.ui.helpers import job_config, wait_for
 
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "ui.png"
+SCREENSHOT_ENV = "ERI_UI_SCREENSHOT"
+"""Where the finished page's screenshot is written; unset, the test's temporary folder, so a test run never
+rewrites a tracked file."""
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -108,7 +110,7 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def test_start_watch_stop_and_resume_a_job_in_the_browser(ui_url: str, browser: Any) -> None:
+def test_start_watch_stop_and_resume_a_job_in_the_browser(ui_url: str, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -151,5 +153,7 @@ def test_start_watch_stop_and_resume_a_job_in_the_browser(ui_url: str, browser: 
     assert "model" in text("#downloads")
     assert "finished" in text("#runs tbody")
     browser.execute_script("window.scrollTo(0, 0)")
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    assert browser.save_screenshot(str(SCREENSHOT))
+    screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ui.png").resolve()
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000  # a page, not a blank
