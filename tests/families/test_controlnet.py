@@ -22,8 +22,9 @@ from eridiffusion.inference.generate import GenerateRequest, initial_noise, samp
 from eridiffusion.inference.samplers import make_scheduler
 from eridiffusion.models import build_family
 from eridiffusion.models.flow_common import FlowTransformerFamily
+from eridiffusion.models.ldm_layout import unet_key_to_ldm
 from eridiffusion.models.sd3 import SD3Family
-from eridiffusion.models.stable_diffusion import StableDiffusionFamily, unet_key_to_ldm
+from eridiffusion.models.stable_diffusion import StableDiffusionFamily
 from tests.conftest import TINY_OPTIONS
 
 

@@ -36,8 +36,9 @@ from eridiffusion.inference.generate import GenerateRequest, sample
 from eridiffusion.models import build_family, detect_arch, load_family
 from eridiffusion.models.flow_common import FlowTransformerFamily, parse_flow_options
 from eridiffusion.models.flux import FluxFamily, latent_image_ids, pack_latents, unpack_latents
+from eridiffusion.models.ldm_layout import vae_to_ldm
 from eridiffusion.models.sd3 import SD3Family
-from eridiffusion.models.stable_diffusion import load_preset, vae_to_ldm
+from eridiffusion.models.stable_diffusion import load_preset
 from tests.conftest import TINY_OPTIONS
 
 CONFIGS = Path(__file__).parents[2] / "configs"

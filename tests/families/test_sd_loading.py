@@ -32,19 +32,21 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from eridiffusion.config.schema import ModelConfig
 from eridiffusion.models import build_family, detect_arch, load_family
+from eridiffusion.models.ldm_layout import (
+    clip_to_ldm,
+    open_clip_to_ldm,
+    to_ldm_state_dict,
+    unet_to_ldm,
+    vae_to_ldm,
+)
 from eridiffusion.models.sd15 import SD15Family
 from eridiffusion.models.sdxl import SDXLFamily, time_ids
 from eridiffusion.models.stable_diffusion import (
     StableDiffusionFamily,
     build_text_model,
-    clip_to_ldm,
     load_preset,
     local_tokenizer,
     objective_from_scheduler,
-    open_clip_to_ldm,
-    to_ldm_state_dict,
-    unet_to_ldm,
-    vae_to_ldm,
 )
 
 PROMPTS = ["a red circle", ""]

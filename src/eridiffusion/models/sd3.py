@@ -32,8 +32,8 @@ from eridiffusion.models.flow_common import (
     pad_to_width,
     rules_to_original,
 )
+from eridiffusion.models.ldm_layout import vae_to_ldm
 from eridiffusion.models.protocol import Conditioning, module_dtype
-from eridiffusion.models.stable_diffusion import vae_to_ldm
 
 CONTROL_BLOCK_KEY = "controlnet_block_"
 """``controlnet_block_{i}``: a ControlNet's residual for the i-th joint transformer block."""

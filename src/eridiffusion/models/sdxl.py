@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from eridiffusion.models.ldm_layout import unet_key_to_ldm
 from eridiffusion.models.prompt_chunks import first_chunk, join_chunks
 from eridiffusion.models.protocol import Conditioning, module_dtype
-from eridiffusion.models.stable_diffusion import StableDiffusionFamily, TextSlot, unet_key_to_ldm
+from eridiffusion.models.stable_diffusion import StableDiffusionFamily, TextSlot
 
 
 def time_ids(
