@@ -9,12 +9,13 @@ called, and its original single-file key layout. Everything else lives once in t
 * **latent space** -- the 16-channel KL autoencoder, ``(mean - shift_factor) * scaling_factor`` (the
   posterior mean, not a sample, so a training step stays a pure function of its seeded generator);
 * **text encoders** -- CLIP (penultimate hidden states and pooled/projected output) and T5 encoders with
-  their tokenizers, built locally from presets for random-init models;
+  their tokenizers, built locally from presets for random-init models (:mod:`.flow_text`);
 * **loading** -- a local diffusers folder (``model_index.json``) or an original single ``.safetensors``
   file, whose transformer, VAE and text encoders are matched against the shipped presets by names and
   shapes; ``vae_path`` / ``clip_l_path`` / ``clip_g_path`` / ``t5_path`` replace components;
 * **saving** -- a diffusers pipeline folder (read by :func:`eridiffusion.models.load_family` and by
-  diffusers' own pipelines) and the original single-file layout via table-driven :class:`KeyRule` maps.
+  diffusers' own pipelines) and the original single-file layout via the table-driven maps of
+  :mod:`.key_rules`.
 
 Presets, the preset-matching instantiation and the LDM VAE conversion are shared with SD1.5/SDXL and
 come from :mod:`.stable_diffusion`.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -38,24 +38,31 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
     PreTrainedTokenizerBase,
-    T5Config,
     T5EncoderModel,
-    T5Tokenizer,
 )
 
 from eridiffusion.config.schema import ModelConfig
+from eridiffusion.models.flow_text import (
+    EncoderSlot,
+    TextModel,
+    build_text_model,
+    clip_embeddings,
+    fallback_tokenizer,
+    has_tokenizer_files,
+    load_tokenizer,
+    local_tokenizer,
+    t5_embeddings,
+    text_keys,
+    text_to_original,
+)
+from eridiffusion.models.key_rules import KeyRule, strip_prefix
 from eridiffusion.models.objectives import FlowMatchObjective
 from eridiffusion.models.options import parse_model_options
 from eridiffusion.models.prompts import PromptLimit
 from eridiffusion.models.protocol import (
     Conditioning,
     FusedLayer,
-    module_device,
     require_size_multiple,
     underscored_lora_names,
 )
@@ -68,7 +75,6 @@ from eridiffusion.models.stable_diffusion import (
     instantiate,
     load_preset,
     load_vae,
-    match_text_keys,
     preset_names,
     safetensors_keys,
     vae_from_state,
@@ -76,15 +82,12 @@ from eridiffusion.models.stable_diffusion import (
 )
 from eridiffusion.models.streamed_loading import load_pretrained, read_single_file
 from eridiffusion.models.tiny import FAMILY_FILE
-from eridiffusion.models.token_ids import token_ids
-from eridiffusion.models.tokenizer import build_t5_tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
 TRANSFORMER_PREFIX = LDM_UNET_PREFIX
 """``model.diffusion_model.``: where SD3.5 and ComfyUI-style Flux single files keep the transformer."""
 VAE_PREFIXES = (LDM_VAE_PREFIX, "vae.")
-TextModel = CLIPTextModel | CLIPTextModelWithProjection | T5EncoderModel
 F_ = TypeVar("F_", bound="FlowTransformerFamily")
 
 
@@ -118,202 +121,6 @@ Opts = TypeVar("Opts", bound=FlowOptions)
 def parse_flow_options(cls: type[Opts], options: dict[str, Any], where: str = "model.options") -> Opts:
     """Validate ``model.options``; errors name the YAML path like the main config loader does."""
     return parse_model_options(cls, options, where)
-
-
-# --- text encoders ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncoderSlot:
-    """One text encoder of a family and every place it can come from."""
-
-    module: str
-    """Component name in a diffusers folder and in :meth:`FlowTransformerFamily.modules`."""
-    tokenizer: str
-    kind: Literal["clip", "t5"]
-    model_class: type[TextModel]
-    override: Literal["clip_l_path", "clip_g_path", "t5_path"]
-    """The ``model.*`` key that replaces this encoder (and its tokenizer)."""
-    original_prefix: str
-    """Key prefix in an original single file (``text_encoders.clip_l.transformer.``)."""
-    kohya_prefix: str
-    """Adapter key prefix (kohya/ComfyUI: ``lora_te1`` CLIP-L, ``lora_te2`` CLIP-G, ``lora_te3`` T5)."""
-    trainable: bool
-    """Part of a full fine-tune with ``train_text_encoder`` (the CLIPs; T5-XXL stays frozen)."""
-
-
-def build_text_model(slot: EncoderSlot, config: dict[str, Any]) -> TextModel:
-    clean = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "_class_name")}
-    if slot.kind == "t5":
-        return T5EncoderModel(T5Config.from_dict(clean))
-    return slot.model_class(CLIPTextConfig.from_dict(clean))
-
-
-def local_tokenizer(slot: EncoderSlot, encoder: TextModel, t5_max_length: int) -> PreTrainedTokenizerBase:
-    """The locally built tokenizer of this slot (real vocabularies cannot be downloaded here)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        if slot.kind == "t5":
-            tok: PreTrainedTokenizerBase = build_t5_tokenizer(Path(tmp) / "t5", max_length=t5_max_length)
-        else:
-            tok = build_tokenizer(Path(tmp) / "clip", max_length=encoder.config.max_position_embeddings)
-    if len(tok) > encoder.config.vocab_size:
-        raise ValueError(f"{slot.module} vocab_size {encoder.config.vocab_size} < tokenizer size {len(tok)}")
-    return tok
-
-
-def fallback_tokenizer(
-    source: Path, slot: EncoderSlot, encoder: TextModel, t5_max_length: int
-) -> PreTrainedTokenizerBase:
-    logger.warning(
-        "%s: no tokenizer files for %s, so it uses a small %s vocabulary built locally that does NOT match "
-        "the original tokenizer: the model will not follow prompts as it was trained to. Fix: set model.%s "
-        "to a local folder with this text encoder and its tokenizer (e.g. the %s/ and %s/ folders of the "
-        "diffusers release of this model).",
-        source,
-        slot.module,
-        slot.kind.upper(),
-        slot.override,
-        slot.module,
-        slot.tokenizer,
-    )
-    return local_tokenizer(slot, encoder, t5_max_length)
-
-
-def _tokenizer_files(folder: Path, kind: str) -> bool:
-    names = ("vocab.json", "tokenizer.json") if kind == "clip" else ("tokenizer.json", "spiece.model")
-    return any((folder / n).is_file() for n in names)
-
-
-def load_tokenizer(folder: Path, slot: EncoderSlot) -> PreTrainedTokenizerBase:
-    return (CLIPTokenizer if slot.kind == "clip" else T5Tokenizer).from_pretrained(folder)
-
-
-def clip_embeddings(
-    encoder: CLIPTextModel | CLIPTextModelWithProjection,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate hidden states, pooled output) of a CLIP text encoder; the pooled output is the
-    projected ``text_embeds`` for ``CLIPTextModelWithProjection`` (SD3) and ``pooler_output`` otherwise
-    (Flux), as diffusers' pipelines use them."""
-    ids = token_ids(tokenizer, prompts, encoder.config.max_position_embeddings).to(module_device(encoder))
-    out = encoder(ids, output_hidden_states=True)
-    return out.hidden_states[-2], out[0] if isinstance(
-        encoder, CLIPTextModelWithProjection
-    ) else out.pooler_output
-
-
-def t5_embeddings(
-    encoder: T5EncoderModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int
-) -> torch.Tensor:
-    ids = token_ids(tokenizer, prompts, max_length).to(module_device(encoder))
-    return encoder(ids)[0]
-
-
-def t5_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A T5 encoder state dict with the tied ``shared`` / ``encoder.embed_tokens`` pair complete
-    (original files usually keep only one of the two names)."""
-    out = {k: v for k, v in state.items() if not k.startswith("decoder.")}
-    if "shared.weight" not in out and "encoder.embed_tokens.weight" in out:
-        out["shared.weight"] = out["encoder.embed_tokens.weight"]
-    if "encoder.embed_tokens.weight" not in out and "shared.weight" in out:
-        out["encoder.embed_tokens.weight"] = out["shared.weight"]
-    return out
-
-
-def text_keys(slot: EncoderSlot, state: dict[str, torch.Tensor], model: TextModel) -> dict[str, torch.Tensor]:
-    """Weights of one encoder (original prefix stripped) in the names ``model`` expects."""
-    flat = {k.removeprefix(slot.original_prefix): v for k, v in state.items()}
-    if slot.kind == "t5":
-        return t5_keys(flat)
-    out = match_text_keys(flat, model)
-    if isinstance(model, CLIPTextModelWithProjection) and "text_projection.weight" not in out:
-        # SD3's CLIP-L pooled output is used unprojected: its single files carry no projection (diffusers
-        # inserts the identity for the same reason)
-        out["text_projection.weight"] = torch.eye(model.config.hidden_size, model.config.projection_dim).T
-    return out
-
-
-def text_to_original(slot: EncoderSlot, model: TextModel) -> dict[str, torch.Tensor]:
-    """A text encoder under its original single-file prefix (``text_model.*`` CLIP names, T5 as is)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("position_ids") or key == "encoder.embed_tokens.weight":
-            continue
-        if slot.kind == "clip" and not key.startswith(("text_model.", "text_projection")):
-            key = f"text_model.{key}"
-        out[slot.original_prefix + key] = value
-    return out
-
-
-# --- original key layouts ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KeyRule:
-    """One original tensor and the diffusers tensor(s) it holds, concatenated along dim 0.
-
-    ``swap``: the original stores (shift, scale) where diffusers' ``AdaLayerNormContinuous`` expects
-    (scale, shift) -- true of the final adaLN layers of SD3 and Flux, which diffusers' converters swap.
-    """
-
-    original: str
-    diffusers: tuple[str, ...]
-    swap: bool = False
-
-
-def linear_rules(original: str, diffusers_names: tuple[str, ...] | str, swap: bool = False) -> list[KeyRule]:
-    """Weight and bias rules of a Linear (or fused Linears) named ``original`` / ``diffusers_names``."""
-    names = (diffusers_names,) if isinstance(diffusers_names, str) else diffusers_names
-    return [KeyRule(f"{original}.{p}", tuple(f"{n}.{p}" for n in names), swap) for p in ("weight", "bias")]
-
-
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def rules_to_original(state: dict[str, torch.Tensor], rules: list[KeyRule]) -> dict[str, torch.Tensor]:
-    """diffusers names -> original names; every diffusers tensor must be covered by exactly one rule."""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for rule in rules:
-        if not all(k in state for k in rule.diffusers):
-            continue
-        parts = [state[k] for k in rule.diffusers]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        out[rule.original] = _swap_halves(tensor) if rule.swap else tensor
-        used.update(rule.diffusers)
-    left = sorted(set(state) - used)
-    if left:
-        raise ValueError(f"no original-layout name for {len(left)} transformer weights, e.g. {left[:3]}")
-    return out
-
-
-def rules_from_original(
-    state: dict[str, torch.Tensor], rules: list[KeyRule], split: dict[int, list[int]]
-) -> dict[str, torch.Tensor]:
-    """original names -> diffusers names; ``split[n]`` gives the row sizes of a tensor fused from n parts
-    (equal thirds for q/k/v, q/k/v + MLP for Flux's single blocks)."""
-    out: dict[str, torch.Tensor] = {}
-    for rule in rules:
-        if rule.original not in state:
-            continue
-        tensor = state[rule.original]
-        tensor = _swap_halves(tensor) if rule.swap else tensor
-        if len(rule.diffusers) == 1:
-            out[rule.diffusers[0]] = tensor
-            continue
-        sizes = split.get(len(rule.diffusers)) or [tensor.shape[0] // len(rule.diffusers)] * len(
-            rule.diffusers
-        )
-        for name, part in zip(rule.diffusers, torch.split(tensor, sizes, dim=0), strict=True):
-            out[name] = part
-    return out
-
-
-def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 # --- the family -------------------------------------------------------------------------------------------
@@ -548,7 +355,7 @@ class FlowTransformerFamily(VAELatents):
             parts.encoders[slot.module] = _cast(
                 load_pretrained(slot.model_class, folder, slot.module, dtype, weights_variant(folder)), dtype
             )
-            if _tokenizer_files(path / slot.tokenizer, slot.kind):
+            if has_tokenizer_files(path / slot.tokenizer, slot.kind):
                 parts.tokenizers[slot.tokenizer] = load_tokenizer(path / slot.tokenizer, slot)
         scheduler_file = path / "scheduler" / "scheduler_config.json"
         parts.scheduler = (
@@ -857,7 +664,7 @@ def load_encoder_override(
             load_pretrained(slot.model_class, folder, slot.module, dtype, weights_variant(folder)), dtype
         )
         for tok_dir in (path / slot.tokenizer, folder, path):
-            if _tokenizer_files(tok_dir, slot.kind):
+            if has_tokenizer_files(tok_dir, slot.kind):
                 return model, load_tokenizer(tok_dir, slot)
         return model, fallback_tokenizer(path, slot, model, t5_max_length)
     state = read_single_file(path)

@@ -36,14 +36,11 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from eridiffusion.models.controlnet import load_transformer_controlnet, pack_blocks, unpack_blocks
 from eridiffusion.models.flow_common import (
-    EncoderSlot,
     FlowOptions,
     FlowTransformerFamily,
-    KeyRule,
-    linear_rules,
-    rules_from_original,
-    rules_to_original,
 )
+from eridiffusion.models.flow_text import EncoderSlot
+from eridiffusion.models.key_rules import KeyRule, linear_rules, rules_from_original, rules_to_original
 from eridiffusion.models.protocol import Conditioning, module_dtype
 
 CONTROL_DOUBLE_KEY = "controlnet_double_"

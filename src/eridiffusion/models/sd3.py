@@ -25,13 +25,11 @@ from transformers import CLIPTextModelWithProjection, T5EncoderModel
 from eridiffusion.models.controlnet import load_transformer_controlnet, pack_blocks, unpack_blocks
 from eridiffusion.models.flow_common import (
     TRANSFORMER_PREFIX,
-    EncoderSlot,
     FlowTransformerFamily,
-    KeyRule,
-    linear_rules,
     pad_to_width,
-    rules_to_original,
 )
+from eridiffusion.models.flow_text import EncoderSlot
+from eridiffusion.models.key_rules import KeyRule, linear_rules, rules_to_original
 from eridiffusion.models.ldm_layout import vae_to_ldm
 from eridiffusion.models.protocol import Conditioning, module_dtype
 
