@@ -436,20 +436,19 @@ def _finish(t: Translation, foreign: bool) -> None:
     defaults where they differ from eri's (an ai-toolkit LoRA leaves the text encoders alone unless asked)."""
     if t.disable_sampling:
         t.out.setdefault("sample", {})["prompts"] = []
+    if foreign and "train_text_encoder" not in t.out.get("train", {}):
+        t.out.setdefault("train", {})["train_text_encoder"] = False
+        t.notes.append("train.train_text_encoder: unset, so False as in ai-toolkit (eri's default is True)")
     if t.text_encoder_only is not None:
         src = t.text_encoder_only
         if not isinstance(t.out.get("network"), dict):
             t.refuse(src, "false trains only the text encoders, which eri does with an adapter: add a "
                      "network section, or set train_unet: true for a full fine-tune")  # fmt: skip
-        elif t.out.get("train", {}).get("train_text_encoder", not foreign) is not True:  # ai-toolkit: off
+        elif t.out.get("train", {}).get("train_text_encoder", True) is not True:  # eri's own default: on
             t.refuse(src, "false with train_text_encoder unset or false would train nothing; set "
                      "train_text_encoder: true to train a text-encoder adapter")  # fmt: skip
         else:
             t.put(src, "network.components", ["text_encoder"])
-    train = t.out.setdefault("train", {})
-    if foreign and "train_text_encoder" not in train:
-        train["train_text_encoder"] = False
-        t.notes.append("train.train_text_encoder: unset, so False as in ai-toolkit (eri's default is True)")
     for key in [k for k, v in t.out.items() if v == {} and k in SECTIONS and k != "network"]:
         del t.out[key]
 
