@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import uvicorn
-import yaml
 
 from eridiffusion.ui import UISettings, create_ui_app
+from tests.conftest import tiny_job
 from tests.ui.helpers import job_config, wait_for
 
 SCREENSHOT_ENV = "ERI_UI_SCREENSHOT"
@@ -58,13 +58,10 @@ def ui_url(tmp_path: Path) -> Iterator[str]:
     (after the browser has quit: the server waits for open connections)."""
     _browser()  # skip before starting anything
     sample = {"prompts": ["a red circle", "a blue square"], "steps": 4, "images_per_prompt": 2, "every": 30}
-    path = job_config(
-        tmp_path, steps=300, train={"lr_warmup_steps": 20, "lr_scheduler": "cosine"}, sample=sample
-    )
-    job = yaml.safe_load(path.read_text(encoding="utf-8"))  # validation loss too: its curve shares the chart
-    job["datasets"][0]["validation_split"] = 0.125
-    job["validation"] = {"every": 50}
-    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    datasets = tiny_job(tmp_path)["datasets"]  # validation loss too: its curve shares the chart
+    datasets[0]["validation_split"] = 0.125
+    train = {"lr_warmup_steps": 20, "lr_scheduler": "cosine"}
+    job_config(tmp_path, 300, train, sample=sample, datasets=datasets, validation={"every": 50})
     settings = UISettings(
         runs=tmp_path / "output",
         configs=tmp_path / "configs",
