@@ -57,6 +57,7 @@ from eridiffusion.models.flow_text import (
     text_to_original,
 )
 from eridiffusion.models.key_rules import KeyRule, strip_prefix
+from eridiffusion.models.ldm_layout import LDM_UNET_PREFIX, LDM_VAE_PREFIX
 from eridiffusion.models.objectives import FlowMatchObjective
 from eridiffusion.models.options import parse_model_options
 from eridiffusion.models.prompts import PromptLimit
@@ -68,8 +69,6 @@ from eridiffusion.models.protocol import (
 )
 from eridiffusion.models.quantize import quantised_layers
 from eridiffusion.models.stable_diffusion import (
-    LDM_UNET_PREFIX,
-    LDM_VAE_PREFIX,
     STORAGE_DTYPES,
     VAELatents,
     instantiate,
